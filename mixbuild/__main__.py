@@ -1,0 +1,3 @@
+from mixbuild.cli import main
+
+main(prog_name="mixbuild")

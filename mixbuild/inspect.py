@@ -1,0 +1,86 @@
+"""What `mixbuild inspect` reports about a checkpoint directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mixbuild.model.checkpoint import Checkpoint
+
+
+def human_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def human_bytes(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def inspect_config(path: str | Path) -> dict[str, Any]:
+    """The spec-level part of the report, from config.json alone."""
+    from mixbuild.model.spec import MixtralSpec
+
+    spec = MixtralSpec.from_file(Path(path) / "config.json")
+    return {"kind": "config", "path": str(path), "spec": spec.to_dict(),
+            "params": spec.param_counts(), "bytes_per_precision": spec.bytes_per_precision()}
+
+
+def inspect_checkpoint(path: str | Path, read_values: bool = True, progress: bool = True) -> dict[str, Any]:
+    ckpt = Checkpoint(path)
+    expected = ckpt.verify()
+    checked = 0
+    if read_values:
+        from mixbuild.progress import track
+
+        for _ in track(ckpt.check_values(), total=len(expected), label="checking weights",
+                       enabled=progress):
+            checked += 1
+    return {
+        **inspect_config(ckpt.path),
+        "kind": "checkpoint",
+        "stored": {"dtypes": ckpt.stored_dtypes, "bytes": ckpt.nbytes, "tensors": len(ckpt.tensors),
+                   "files": sorted({i.file.name for i in ckpt.tensors.values()})},
+        "checks": {"names_and_shapes": "ok", "values_finite": "ok" if read_values else "skipped",
+                   "tensors_read": checked},
+        "tokenizer_files": [p.name for p in ckpt.tokenizer_files()],
+    }
+
+
+def render_checkpoint(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    spec, params = report["spec"], report["params"]
+    console.print(f"[bold]Mixtral {report['kind']}[/] {report['path']}")
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("layers", spec["num_layers"]), ("hidden", spec["hidden_size"]),
+        ("intermediate", spec["intermediate_size"]),
+        ("heads (q / kv) x dim", f"{spec['num_heads']} / {spec['num_kv_heads']} x {spec['head_dim']}"),
+        ("experts (top-k)", f"{spec['num_experts']} (top-{spec['top_k']})"),
+        ("vocab", spec["vocab_size"]), ("max positions", spec["max_position_embeddings"]),
+        ("rope theta", spec["rope_theta"]), ("sliding window", spec["sliding_window"]),
+        ("tied embeddings", spec["tie_word_embeddings"]), ("config dtype", spec["dtype"]),
+        ("parameters", f"{human_count(params['total'])} total, {human_count(params['active'])} "
+                       f"active per token ({params['total']:,} / {params['active']:,})"),
+        ("size by precision", ", ".join(f"{k} {human_bytes(v)}"
+                                        for k, v in report["bytes_per_precision"].items())),
+    ]
+    if report["kind"] == "checkpoint":
+        stored, checks = report["stored"], report["checks"]
+        rows += [
+            ("stored", f"{', '.join(stored['dtypes'])}, {human_bytes(stored['bytes'])} in "
+                       f"{len(stored['files'])} file(s), {stored['tensors']} tensors"),
+            ("checks", f"names+shapes {checks['names_and_shapes']}, values {checks['values_finite']}"),
+            ("tokenizer", ", ".join(report["tokenizer_files"]) or "none"),
+        ]
+    for key, value in rows:
+        table.add_row(f"[cyan]{key}[/]", str(value))
+    console.print(table)

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny Hugging Face checkpoints written by transformers itself."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixbuild.model.presets import PRESETS
+
+FIXTURE = Path(__file__).resolve().parents[1] / "mixbuild" / "fixtures" / "tiny-code"
+
+
+def save_hf_checkpoint(spec, out: Path, dtype=torch.float32, shard_kb: int | None = 64,
+                       seed: int = 0, init_std: float = 0.08) -> Path:
+    """A random MixtralForCausalLM for `spec`, saved with save_pretrained (sharded by default)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(**{**spec.to_hf_config(), "initializer_range": init_std,
+                              "dtype": str(dtype).removeprefix("torch.")})
+    model = MixtralForCausalLM(config).to(dtype)
+    kwargs = {"max_shard_size": f"{shard_kb}KB"} if shard_kb else {}
+    model.save_pretrained(out, **kwargs)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Sharded fp32 checkpoints for every tiny preset."""
+    root = tmp_path_factory.mktemp("hf")
+    return {name: save_hf_checkpoint(spec, root / name)
+            for name, spec in PRESETS.items() if name.startswith("tiny")}
+
+
+@pytest.fixture(scope="session")
+def bf16_checkpoint(tmp_path_factory) -> Path:
+    return save_hf_checkpoint(PRESETS["tiny"], tmp_path_factory.mktemp("bf16") / "ckpt",
+                              dtype=torch.bfloat16, shard_kb=32)
+
+
+@pytest.fixture
+def ckpt_copy(hf_checkpoints, tmp_path) -> Path:
+    """A private copy of the sharded 'tiny' checkpoint, for tests that damage it."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(hf_checkpoints["tiny"], dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    if not (FIXTURE / "config.json").is_file():
+        pytest.fail(f"the trained fixture is missing at {FIXTURE}; run `make fixture`")
+    return FIXTURE
+
+
+def edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
