@@ -55,17 +55,55 @@ def main(debug: bool) -> None:
               help="Describe config.json alone (no weights needed): spec, parameter counts, sizes.")
 @handles_errors
 def inspect(path: str, as_json: bool, no_values: bool, config_only: bool) -> None:
-    """Describe a checkpoint directory and check its weights."""
-    from mixbuild.inspect import inspect_checkpoint, inspect_config, render_checkpoint
+    """Describe a checkpoint or artifact directory and check its files.
 
-    if config_only:
-        report = inspect_config(path)
+    A checkpoint: spec, parameter counts, sizes, and every tensor's name, shape and values.
+    An artifact (has mixbuild.json): verifies every file's sha256, prints the ONNX contract,
+    op counts and sizes.
+    """
+    from pathlib import Path
+
+    from mixbuild import inspect as insp
+    from mixbuild.exporter.contract import MANIFEST_FILE
+
+    if (Path(path) / MANIFEST_FILE).is_file():
+        report = insp.inspect_artifact(path)
+        render = insp.render_artifact
+    elif config_only:
+        report, render = insp.inspect_config(path), insp.render_checkpoint
     else:
-        report = inspect_checkpoint(path, read_values=not no_values, progress=not as_json)
+        report = insp.inspect_checkpoint(path, read_values=not no_values, progress=not as_json)
+        render = insp.render_checkpoint
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        render_checkpoint(report)
+        render(report)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(file_okay=False, path_type=str))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
+              help="Artifact directory to create.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+              show_default=True, help="Weight and activation type of the graph.")
+@click.option("--debug-outputs", is_flag=True,
+              help="Also output per-layer router logits, chosen experts and hidden states "
+                   "(for `mixbuild validate`).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@handles_errors
+def export(checkpoint: str, out: str, dtype: str, debug_outputs: bool, overwrite: bool) -> None:
+    """Export a Hugging Face Mixtral checkpoint to an ONNX artifact with MoE custom ops."""
+    import time
+
+    from mixbuild.exporter.export import export_checkpoint
+    from mixbuild.inspect import human_bytes
+
+    start = time.perf_counter()
+    path = export_checkpoint(checkpoint, out, dtype=dtype, debug_outputs=debug_outputs,
+                             overwrite=overwrite)
+    size = sum(p.stat().st_size for p in path.iterdir())
+    click.echo(f"exported {path} ({dtype}, {human_bytes(size)}) in "
+               f"{time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -84,3 +84,51 @@ def render_checkpoint(report: dict[str, Any]) -> None:
     for key, value in rows:
         table.add_row(f"[cyan]{key}[/]", str(value))
     console.print(table)
+
+
+def inspect_artifact(path: str | Path) -> dict[str, Any]:
+    """Verify an artifact's files against its manifest and describe its graph."""
+    from collections import Counter
+
+    import onnx
+
+    from mixbuild.exporter.artifact import Artifact
+
+    artifact = Artifact.open(path)  # raises on a missing or corrupt file
+    graph = onnx.load(str(artifact.onnx_path), load_external_data=False)
+    ops = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in graph.graph.node)
+    manifest = artifact.manifest
+    return {
+        "kind": "artifact", "path": str(artifact.path), "precision": manifest["precision"],
+        "spec": manifest["spec"], "params": artifact.spec.param_counts(),
+        "inputs": manifest["inputs"], "outputs": manifest["outputs"], "opset": manifest["opset"],
+        "ops": dict(sorted(ops.items())),
+        "functions": sorted(f"{f.domain}::{f.name}" for f in graph.functions),
+        "files": manifest["files"], "hashes": "ok",
+    }
+
+
+def render_artifact(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    spec = report["spec"]
+    console.print(f"[bold]mixbuild artifact[/] {report['path']}  precision [bold]{report['precision']}[/]"
+                  f", {spec['num_layers']} layers, {spec['num_experts']} experts (top-{spec['top_k']})"
+                  f", {human_count(report['params']['total'])} parameters")
+    files = Table("file", "size", "sha256", title="files (hashes verified)")
+    for name, entry in report["files"].items():
+        files.add_row(name, human_bytes(entry["bytes"]), entry["sha256"][:16] + "...")
+    console.print(files)
+    io = Table("", "name", "dtype", title="ONNX contract")
+    for kind in ("inputs", "outputs"):
+        shown = report[kind] if len(report[kind]) <= 8 else report[kind][:5] + [{"name": "...", "dtype": ""}]
+        for entry in shown:
+            io.add_row(kind[:-1], entry["name"], entry["dtype"])
+    console.print(io)
+    ops = Table("op", "count", title="graph ops")
+    for op, count in report["ops"].items():
+        ops.add_row(f"[bold]{op}[/]" if "::" in op else op, str(count))
+    console.print(ops)
+    console.print(f"model-local functions: {', '.join(report['functions'])}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -19,3 +20,22 @@ def track(items: Iterable[T], total: int | None = None, label: str = "working",
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True) as progress:
         yield from progress.track(items, total=total, description=label)
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, total: int, enabled: bool = True):
+    """A bar advanced by hand: `advance(n, description)`."""
+    if not enabled:
+        yield lambda n=1, description=None: None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=True) as progress:
+        task = progress.add_task(label, total=total)
+
+        def advance(n: int = 1, description: str | None = None) -> None:
+            progress.update(task, advance=n, **({"description": description} if description else {}))
+
+        yield advance

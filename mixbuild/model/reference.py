@@ -38,7 +38,12 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope_tables(position_ids: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def rope_tables(position_ids: Tensor, theta: float, head_dim: int,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin [B, 1, S, D]. The frequencies are computed in float32 from constants (not a
+    buffer), so casting the model to fp16/bf16 never rounds them."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device)
+    inv_freq = 1.0 / (theta ** (exponents / head_dim))
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -53,8 +58,7 @@ def attention_bias(attention_mask: Tensor, seq: int, sliding_window: int | None)
     if sliding_window is not None:
         allowed = allowed & ((q_pos[:, None] - k_pos[None, :]) < sliding_window)
     allowed = allowed[None, None] & attention_mask[:, None, None, :].bool()
-    zero = torch.zeros((), dtype=torch.float32, device=attention_mask.device)
-    return torch.where(allowed, zero, torch.finfo(torch.float32).min)
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
 
 
 class Attention(nn.Module):
@@ -124,14 +128,11 @@ class MixtralModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        d = spec.head_dim
-        inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                 *past: Tensor) -> tuple[Tensor, ...]:
         x = self.embed(input_ids)
-        cos, sin = rope_tables(position_ids, self.inv_freq, x.dtype)
+        cos, sin = rope_tables(position_ids, self.spec.rope_theta, self.spec.head_dim, x.dtype)
         bias = attention_bias(attention_mask, input_ids.shape[1], self.spec.sliding_window)
         presents, debug = [], []
         for i, layer in enumerate(self.layers):
@@ -160,16 +161,10 @@ class MixtralModel(nn.Module):
             model = cls(ckpt.spec, debug=debug)
         model.to_empty(device=device)
         model.to(dtype)
-        model.inv_freq = model._fresh_inv_freq(device)
         with torch.no_grad():
             for param_name, loader in weight_sources(ckpt):
                 model.get_parameter(param_name).copy_(loader())
         return model.eval()
-
-    def _fresh_inv_freq(self, device) -> Tensor:
-        d = self.spec.head_dim
-        return 1.0 / (self.spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32,
-                                                            device=device) / d))
 
 
 def weight_sources(ckpt):

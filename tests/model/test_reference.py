@@ -1,41 +1,19 @@
 """The mixbuild reference model computes what transformers' MixtralForCausalLM computes."""
 
-import numpy as np
 import pytest
 
-from mixbuild.runtime.runner import greedy_steps
 from mixbuild.runtime.torch_runner import TorchRunner
 from mixbuild.validate.hf_runner import HFRunner
+from tests.helpers import compare_runners, left_padded_batch
 
 TOL = 1e-4
 
 
 def compare_greedy(ckpt, input_ids, attention_mask, steps=16):
-    """Max abs logits difference over real (unpadded) positions, prefill and every decode step."""
     hf = HFRunner(ckpt)
-    ours = TorchRunner.from_checkpoint(ckpt)
-    ref = list(greedy_steps(hf, hf.spec, input_ids, attention_mask, steps))
-    tokens = [out["logits"][:, -1].argmax(-1) for _, out in ref]
-    got = list(greedy_steps(ours, ours.spec, input_ids, attention_mask, steps, forced=tokens))
-    worst = 0.0
-    for (feeds, a), (_, b) in zip(ref, got):
-        real = feeds["attention_mask"][:, -a["logits"].shape[1]:].astype(bool)
-        worst = max(worst, float(np.abs(a["logits"] - b["logits"])[real].max()))
-        for name in a:  # transformers trims a sliding-window cache; the ONNX contract does not
-            if name.startswith("present") and hf.spec.sliding_window is None:
-                assert a[name].shape == b[name].shape
-    return worst, len(ref)
-
-
-def left_padded_batch(vocab, lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    width = max(lengths)
-    ids = np.zeros((len(lengths), width), np.int64)
-    mask = np.zeros((len(lengths), width), np.int64)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = rng.integers(3, vocab, n)
-        mask[row, width - n:] = 1
-    return ids, mask
+    # transformers trims a sliding-window cache; the ONNX contract does not
+    return compare_runners(hf, TorchRunner.from_checkpoint(ckpt), input_ids, attention_mask, steps,
+                           check_present=hf.spec.sliding_window is None)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-e4k1-mqa", "tiny-e8k3-mha"])

@@ -1,0 +1,138 @@
+"""`mixbuild export`: a checkpoint in, an artifact directory out (model.onnx + external data,
+tokenizer files, mixbuild.json).
+
+The graph is traced once on the meta device; each initializer is a lazy tensor that reads its
+weights from the checkpoint (memory-mapped) when it is written, one tensor at a time, so peak
+memory is bounded by the largest single tensor (one layer's stacked experts), not the model.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mixbuild import __version__
+from mixbuild.atomic import atomic_directory, check_destination
+from mixbuild.errors import UsageError
+from mixbuild.exporter.contract import DATA_FILE, DOMAIN, DOMAIN_VERSION, ONNX_FILE, OPSET
+from mixbuild.exporter.functions import experts_function, gate_function
+from mixbuild.exporter.manifest import write_manifest
+from mixbuild.exporter.trace import trace
+from mixbuild.model.checkpoint import Checkpoint
+from mixbuild.model.reference import TORCH_DTYPES, weight_sources
+from mixbuild.model.spec import DType, MixtralSpec
+from mixbuild.runtime.runner import debug_output_names, input_names, output_names
+
+EXPORT_DTYPES = {"fp32": DType.FP32, "fp16": DType.FP16, "bf16": DType.BF16}
+
+
+def parse_dtype(text: str) -> DType:
+    if text not in EXPORT_DTYPES:
+        raise UsageError(f"unsupported --dtype '{text}'", expected=", ".join(EXPORT_DTYPES), found=text)
+    return EXPORT_DTYPES[text]
+
+
+def _lazy(loader: Callable[[], torch.Tensor], dtype: torch.dtype, shape, name: str):
+    import onnx_ir as ir
+    from onnx_ir.tensor_adapters import TorchTensor
+
+    def load():
+        return TorchTensor(loader().to(dtype).contiguous(), name=name)
+
+    return ir.LazyTensor(load, dtype=ir.tensor_adapters.from_torch_dtype(dtype),
+                         shape=ir.Shape(shape), name=name)
+
+
+def attach_weights(onnx_model, ckpt: Checkpoint, dtype: torch.dtype) -> int:
+    """Point every empty initializer at its checkpoint tensor (read lazily when saved)."""
+    sources = dict(weight_sources(ckpt))
+    attached = 0
+    for name, value in onnx_model.graph.initializers.items():
+        if value.const_value is not None:
+            continue
+        loader = sources[name]  # KeyError would be an exporter bug, not user input
+        value.const_value = _lazy(loader, dtype, value.shape, name)
+        attached += 1
+    return attached
+
+
+def attach_functions(onnx_model, spec: MixtralSpec) -> None:
+    import onnx_ir as ir
+
+    for proto in (gate_function(), experts_function(spec.num_experts)):
+        fn = ir.serde.deserialize_function(proto)
+        onnx_model.functions[fn.identifier()] = fn
+    onnx_model.opset_imports[DOMAIN] = DOMAIN_VERSION
+
+
+def save_model(onnx_model, directory: Path, progress: bool) -> None:
+    """Write model.onnx + model.onnx.data, tensor by tensor, with a progress bar."""
+    import onnx_ir as ir
+
+    from mixbuild.progress import progress_bar
+
+    with progress_bar("writing weights", total=len(onnx_model.graph.initializers),
+                      enabled=progress) as advance:
+        ir.save(onnx_model, directory / ONNX_FILE, external_data=DATA_FILE, max_workers=1,
+                callback=lambda tensor, info: advance(1, f"writing {tensor.name}"))
+
+
+def check_artifact_graph(path: Path) -> None:
+    import onnx
+
+    from mixbuild.exporter import schemas
+
+    schemas.register()
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def io_table(spec: MixtralSpec, dtype: DType, debug: bool) -> dict[str, Any]:
+    kv = dtype.value
+    inputs = [{"name": n, "dtype": "int64"} for n in input_names(spec)[:3]]
+    inputs += [{"name": n, "dtype": kv} for n in input_names(spec)[3:]]
+    outputs = [{"name": "logits", "dtype": "float32"}]
+    outputs += [{"name": n, "dtype": kv} for n in output_names(spec)[1:]]
+    if debug:
+        outputs += [{"name": n, "dtype": "int32" if n.endswith("expert_ids") else
+                     ("float32" if n.endswith("router_logits") else kv)}
+                    for n in debug_output_names(spec)]
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp32",
+                      debug_outputs: bool = False, overwrite: bool = False,
+                      progress: bool = True) -> Path:
+    """Export a checkpoint directory to an artifact directory; returns the artifact path."""
+    out = Path(out)
+    export_dtype = parse_dtype(dtype)
+    check_destination(out, overwrite)
+    ckpt = Checkpoint(checkpoint)
+    ckpt.verify()
+    spec = ckpt.spec
+    torch_dtype = TORCH_DTYPES[export_dtype.value]
+    onnx_model = trace(spec, torch_dtype, debug=debug_outputs)
+    attach_weights(onnx_model, ckpt, torch_dtype)
+    attach_functions(onnx_model, spec)
+    onnx_model.producer_name, onnx_model.producer_version = "mixbuild", __version__
+    with atomic_directory(out, overwrite) as tmp:
+        save_model(onnx_model, tmp, progress)
+        check_artifact_graph(tmp / ONNX_FILE)
+        for f in ckpt.tokenizer_files():
+            shutil.copy2(f, tmp / f.name)
+        write_manifest(tmp, {
+            "kind": "artifact",
+            "producer": {"name": "mixbuild", "version": __version__, "torch": torch.__version__,
+                         "python": platform.python_version()},
+            "spec": spec.to_dict(),
+            "precision": export_dtype.short,
+            "dtype": export_dtype.value,
+            "opset": {"": OPSET, DOMAIN: DOMAIN_VERSION},
+            "debug_outputs": debug_outputs,
+            "source": {"checkpoint": ckpt.path.name, "bytes": ckpt.nbytes},
+            **io_table(spec, export_dtype, debug_outputs),
+        })
+    return out

@@ -1,0 +1,121 @@
+"""Model-local ONNX functions for the MoE ops: sparse decompositions in standard ONNX ops.
+
+Any ONNX runtime without mixbuild's plugins (ONNX Runtime, Polygraphy, a TensorRT parser that
+inlines functions) executes these bodies, so they define the artifact's semantics exactly like
+`mixbuild.model.ops`. The experts body is unrolled over the E experts (E is fixed per model):
+for each expert it gathers only the tokens routed to it (NonZero), runs the SwiGLU GEMMs on
+them and scatter-adds the weighted result, so the work is the chosen experts' only, never a
+dense all-experts product.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from mixbuild.exporter.contract import DOMAIN, EXPERTS_OP, GATE_OP, OPSET
+
+PLUGIN_ATTRS = ["plugin_namespace", "plugin_version"]
+
+
+class _Body:
+    """A tiny node-list builder with unique value names."""
+
+    def __init__(self, prefix: str) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.prefix = prefix
+        self.count = 0
+
+    def __call__(self, op: str, *inputs: str, outputs: int = 1, **attrs) -> str | list[str]:
+        names = [f"{self.prefix}{self.count}_{i}" for i in range(outputs)]
+        self.count += 1
+        self.nodes.append(helper.make_node(op, list(inputs), names, **attrs))
+        return names[0] if outputs == 1 else names
+
+    def const(self, value, dtype=TensorProto.INT64) -> str:
+        values = value if isinstance(value, list) else [value]
+        tensor = helper.make_tensor("v", dtype, [len(values)] if isinstance(value, list) else [], values)
+        return self("Constant", value=tensor)
+
+    def const_from_attr(self, attr: str, kind: str) -> str:
+        """A Constant whose value is the function attribute `attr` (value_int / value_float)."""
+        node = helper.make_node("Constant", [], [f"{self.prefix}{self.count}_0"])
+        ref = onnx.AttributeProto(name=kind, ref_attr_name=attr,
+                                  type=onnx.AttributeProto.INT if kind == "value_int"
+                                  else onnx.AttributeProto.FLOAT)
+        node.attribute.append(ref)
+        self.count += 1
+        self.nodes.append(node)
+        return node.output[0]
+
+    def output(self, op: str, name: str, *inputs: str, **attrs) -> str:
+        self.nodes.append(helper.make_node(op, list(inputs), [name], **attrs))
+        return name
+
+
+def _opsets() -> list[onnx.OperatorSetIdProto]:
+    return [helper.make_opsetid("", OPSET)]
+
+
+def gate_function() -> onnx.FunctionProto:
+    """MoEGate(router_logits [T, E]) -> (weights [T, k] float32, expert_ids [T, k] int32).
+
+    ONNX TopK returns equal values lowest index first, which is the contract's tie rule.
+    """
+    b = _Body("g")
+    probs = b("Softmax", b("Cast", "router_logits", to=TensorProto.FLOAT), axis=-1)
+    k = b("Reshape", b.const_from_attr("top_k", "value_int"), b.const([1]))
+    values, indices = b("TopK", probs, k, outputs=2, axis=-1, largest=1, sorted=1)
+    total = b("ReduceSum", values, b.const([-1]), keepdims=1)
+    norm = b("Cast", b.const_from_attr("normalize", "value_int"), to=TensorProto.FLOAT)
+    one = b.const(1.0, TensorProto.FLOAT)
+    denom = b("Add", b("Mul", total, norm), b("Sub", one, norm))  # sum if normalize else 1
+    b.output("Div", "weights", values, denom)
+    b.output("Cast", "expert_ids", indices, to=TensorProto.INT32)
+    return helper.make_function(DOMAIN, GATE_OP, ["router_logits"], ["weights", "expert_ids"],
+                                b.nodes, _opsets(), ["top_k", "normalize", *PLUGIN_ATTRS])
+
+
+def _swiglu(b: _Body, x: str, w_gate_up: str, w_down: str) -> str:
+    """x [n, H] -> w_down(silu(gate) * up) [n, H] with gate/up the halves of x @ w_gate_up^T."""
+    gate_up = b("MatMul", x, b("Transpose", w_gate_up, perm=[1, 0]))
+    gate, up = b("Split", gate_up, outputs=2, axis=1, num_outputs=2)
+    act = b("Mul", b("Mul", gate, b("Sigmoid", gate)), up)
+    return b("MatMul", act, b("Transpose", w_down, perm=[1, 0]))
+
+
+def experts_function(num_experts: int, expert_weights=None, extra_inputs: tuple[str, ...] = (),
+                     extra_attrs: tuple[str, ...] = ()) -> onnx.FunctionProto:
+    """MoEExperts(hidden [T, H], weights [T, k], expert_ids [T, k], w_gate_up, w_down, ...) -> [T, H].
+
+    `expert_weights(b, e)` returns the names of expert e's dequantized (w_gate_up [2I, H],
+    w_down [H, I]) in the body; by default they are slices of the plain weight inputs. The
+    quantizers pass their own to dequantize exactly as the plugins do.
+    """
+    b = _Body("x")
+    if expert_weights is None:
+        def expert_weights(body: _Body, e: int) -> tuple[str, str]:
+            index = body.const(e)
+            return (body("Gather", "w_gate_up", index, axis=0),
+                    body("Gather", "w_down", index, axis=0))
+
+    acc = b("ConstantOfShape", b("Shape", "hidden"),
+            value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    routing = b("Cast", "weights", to=TensorProto.FLOAT)
+    for e in range(num_experts):
+        chosen = b("Equal", "expert_ids", b.const(e, TensorProto.INT32))               # [T, k]
+        coef = b("ReduceSum", b("Mul", b("Cast", chosen, to=TensorProto.FLOAT), routing),
+                 b.const([1]), keepdims=0)                                          # [T]
+        hit = b("Cast", b("ReduceMax", b("Cast", chosen, to=TensorProto.INT32), b.const([1]),
+                          keepdims=0), to=TensorProto.BOOL)
+        rows = b("Transpose", b("NonZero", hit), perm=[1, 0])                         # [n, 1]
+        tokens = b("Reshape", rows, b.const([-1]))                                   # [n]
+        w_gate_up, w_down = expert_weights(b, e)
+        y = _swiglu(b, b("Gather", "hidden", tokens, axis=0), w_gate_up, w_down)
+        scale = b("Unsqueeze", b("Gather", coef, tokens, axis=0), b.const([1]))
+        acc = b("ScatterND", acc, rows, b("Mul", b("Cast", y, to=TensorProto.FLOAT), scale),
+                reduction="add")
+    b.output("CastLike", "out", acc, "hidden")
+    inputs = ["hidden", "weights", "expert_ids", "w_gate_up", "w_down", *extra_inputs]
+    attrs = ["activation", "quantization", "group_size", *PLUGIN_ATTRS, *extra_attrs]
+    return helper.make_function(DOMAIN, EXPERTS_OP, inputs, ["out"], b.nodes, _opsets(), attrs)
