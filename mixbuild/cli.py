@@ -85,25 +85,95 @@ def inspect(path: str, as_json: bool, no_values: bool, config_only: bool) -> Non
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
               help="Artifact directory to create.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
-              show_default=True, help="Weight and activation type of the graph.")
+              show_default=True, help="Activation type of the graph (and weight type unless quantized).")
+@click.option("--precision", type=click.Choice(["float", "fp8", "int4"]), default="float",
+              show_default=True, help="float: weights in --dtype; fp8: W8A8 E4M3; int4: W4A16 grouped.")
+@click.option("--calib", type=click.Path(dir_okay=False, path_type=str),
+              help="Calibration text file (UTF-8) for fp8/int4; default: a built-in text.")
+@click.option("--calib-tokens", type=int, default=4096, show_default=True,
+              help="Calibration tokens (in sequences of 256).")
+@click.option("--int4-method", type=click.Choice(["awq", "rtn"]), default="awq", show_default=True,
+              help="awq: activation-aware scale search; rtn: plain round-to-nearest.")
+@click.option("--group-size", type=int, default=128, show_default=True, help="int4 group size along K.")
+@click.option("--fp8-weight-scales", type=click.Choice(["channel", "tensor"]), default="channel",
+              show_default=True, help="fp8 weight scale granularity.")
 @click.option("--debug-outputs", is_flag=True,
               help="Also output per-layer router logits, chosen experts and hidden states "
                    "(for `mixbuild validate`).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @handles_errors
-def export(checkpoint: str, out: str, dtype: str, debug_outputs: bool, overwrite: bool) -> None:
+def export(checkpoint: str, out: str, dtype: str, precision: str, calib: str | None,
+           calib_tokens: int, int4_method: str, group_size: int, fp8_weight_scales: str,
+           debug_outputs: bool, overwrite: bool) -> None:
     """Export a Hugging Face Mixtral checkpoint to an ONNX artifact with MoE custom ops."""
     import time
 
     from mixbuild.exporter.export import export_checkpoint
     from mixbuild.inspect import human_bytes
 
+    quant = None
+    if precision != "float":
+        from mixbuild.quant.config import QuantConfig
+
+        quant = QuantConfig.parse(precision, int4_method=int4_method, group_size=group_size,
+                                  fp8_per_channel=fp8_weight_scales == "channel",
+                                  calib_file=calib, calib_tokens=calib_tokens)
     start = time.perf_counter()
     path = export_checkpoint(checkpoint, out, dtype=dtype, debug_outputs=debug_outputs,
-                             overwrite=overwrite)
+                             overwrite=overwrite, quant=quant)
     size = sum(p.stat().st_size for p in path.iterdir())
-    click.echo(f"exported {path} ({dtype}, {human_bytes(size)}) in "
+    click.echo(f"exported {path} ({precision if quant else dtype}, {human_bytes(size)}) in "
                f"{time.perf_counter() - start:.1f} s")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(file_okay=False, path_type=str))
+@click.option("--reference", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="The Hugging Face checkpoint the artifact was exported from (the oracle).")
+@click.option("-o", "--output", "out", type=click.Path(path_type=str),
+              help="Report directory (report.json, report.md, report.png). Default: ARTIFACT/validation.")
+@click.option("--prompts", type=click.Path(dir_okay=False, path_type=str),
+              help="Evaluation text: plain text (blank-line separated) or JSONL with 'text'/'prompt'.")
+@click.option("--max-tokens", type=int, default=128, show_default=True,
+              help="Tokens per evaluation sequence.")
+@click.option("--max-sequences", type=int, default=8, show_default=True)
+@click.option("--steps", type=int, default=16, show_default=True, help="Greedy tokens to generate.")
+@click.option("--tolerance", "tolerances", multiple=True, metavar="NAME=VALUE",
+              help="Override a tolerance, e.g. --tolerance top1_agreement=0.95 (repeatable).")
+@click.option("--no-plot", is_flag=True, help="Skip report.png.")
+@handles_errors
+def validate(artifact: str, reference: str, out: str | None, prompts: str | None, max_tokens: int,
+             max_sequences: int, steps: int, tolerances: tuple[str, ...], no_plot: bool) -> None:
+    """Validate an artifact against transformers on its checkpoint.
+
+    Exit 0 when every check passes, 1 when any fails, 2 on a usage or input error.
+    """
+    from pathlib import Path
+
+    from mixbuild.validate.report import print_summary
+    from mixbuild.validate.run import validate_artifact
+    from mixbuild.validate.tolerances import parse_override
+
+    overrides = dict(parse_override(t) for t in tolerances)
+    report, report_dir = validate_artifact(
+        artifact, reference, out or Path(artifact) / "validation", prompts=prompts,
+        max_tokens=max_tokens, steps=steps, max_sequences=max_sequences, overrides=overrides,
+        plot=not no_plot)
+    print_summary(report)
+    click.echo(f"report: {report_dir}")
+    sys.exit(0 if report.passed else 1)
+
+
+@main.command()
+@click.option("-o", "--output", "out", default="demo-out", show_default=True,
+              type=click.Path(path_type=str), help="Where the demo writes its artifacts.")
+@handles_errors
+def demo(out: str) -> None:
+    """The main job on the built-in trained model: inspect, export (fp32 + debug outputs),
+    validate against transformers, and generate a little text."""
+    from mixbuild.demo import run_demo
+
+    sys.exit(run_demo(out))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,9 +36,17 @@ def parse_dtype(text: str) -> DType:
     return EXPORT_DTYPES[text]
 
 
-def _lazy(loader: Callable[[], torch.Tensor], dtype: torch.dtype, shape, name: str):
+def lazy_tensor(loader: Callable[[], torch.Tensor], dtype: torch.dtype | str, shape, name: str):
+    """An initializer whose data is produced by `loader` only when it is written.
+
+    dtype "int4" means the loader returns the packed uint8 bytes of an ONNX INT4 tensor."""
     import onnx_ir as ir
     from onnx_ir.tensor_adapters import TorchTensor
+
+    if dtype == "int4":
+        def load_packed():
+            return ir.PackedTensor(loader().numpy(), ir.DataType.INT4, shape=shape, name=name)
+        return ir.LazyTensor(load_packed, dtype=ir.DataType.INT4, shape=ir.Shape(shape), name=name)
 
     def load():
         return TorchTensor(loader().to(dtype).contiguous(), name=name)
@@ -55,15 +63,15 @@ def attach_weights(onnx_model, ckpt: Checkpoint, dtype: torch.dtype) -> int:
         if value.const_value is not None:
             continue
         loader = sources[name]  # KeyError would be an exporter bug, not user input
-        value.const_value = _lazy(loader, dtype, value.shape, name)
+        value.const_value = lazy_tensor(loader, dtype, value.shape, name)
         attached += 1
     return attached
 
 
-def attach_functions(onnx_model, spec: MixtralSpec) -> None:
+def attach_functions(onnx_model, spec: MixtralSpec, scheme=None) -> None:
     import onnx_ir as ir
 
-    for proto in (gate_function(), experts_function(spec.num_experts)):
+    for proto in (gate_function(), experts_function(spec.num_experts, scheme)):
         fn = ir.serde.deserialize_function(proto)
         onnx_model.functions[fn.identifier()] = fn
     onnx_model.opset_imports[DOMAIN] = DOMAIN_VERSION
@@ -105,8 +113,12 @@ def io_table(spec: MixtralSpec, dtype: DType, debug: bool) -> dict[str, Any]:
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp32",
                       debug_outputs: bool = False, overwrite: bool = False,
-                      progress: bool = True) -> Path:
-    """Export a checkpoint directory to an artifact directory; returns the artifact path."""
+                      progress: bool = True, quant=None) -> Path:
+    """Export a checkpoint directory to an artifact directory; returns the artifact path.
+
+    `quant` (a mixbuild.quant.config.QuantConfig) makes an FP8 or INT4 artifact: calibrated
+    layer by layer, then the graph is rewritten with lazily quantized weights.
+    """
     out = Path(out)
     export_dtype = parse_dtype(dtype)
     check_destination(out, overwrite)
@@ -114,25 +126,60 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
     ckpt.verify()
     spec = ckpt.spec
     torch_dtype = TORCH_DTYPES[export_dtype.value]
+    calibration = None
+    if quant is not None:
+        from mixbuild.quant.calibrate import calibrate
+
+        calibration = calibrate(ckpt, quant, progress=progress)
     onnx_model = trace(spec, torch_dtype, debug=debug_outputs)
-    attach_weights(onnx_model, ckpt, torch_dtype)
-    attach_functions(onnx_model, spec)
+    quant_info = _apply_weights(onnx_model, ckpt, torch_dtype, quant, calibration)
     onnx_model.producer_name, onnx_model.producer_version = "mixbuild", __version__
     with atomic_directory(out, overwrite) as tmp:
         save_model(onnx_model, tmp, progress)
         check_artifact_graph(tmp / ONNX_FILE)
         for f in ckpt.tokenizer_files():
             shutil.copy2(f, tmp / f.name)
+        if calibration is not None:
+            from mixbuild.exporter.weights import save_smoothing
+            from mixbuild.quant.report import plot_expert_load
+
+            save_smoothing(calibration, tmp)
+            plot_expert_load(calibration, tmp / "expert_load.png")
         write_manifest(tmp, {
             "kind": "artifact",
             "producer": {"name": "mixbuild", "version": __version__, "torch": torch.__version__,
                          "python": platform.python_version()},
             "spec": spec.to_dict(),
-            "precision": export_dtype.short,
+            "precision": quant.precision.value if quant else export_dtype.short,
             "dtype": export_dtype.value,
             "opset": {"": OPSET, DOMAIN: DOMAIN_VERSION},
             "debug_outputs": debug_outputs,
             "source": {"checkpoint": ckpt.path.name, "bytes": ckpt.nbytes},
+            "quantization": quant_info,
             **io_table(spec, export_dtype, debug_outputs),
         })
+    if calibration is not None and progress:
+        from mixbuild.quant.report import print_table
+
+        print_table(calibration, quant.precision.value)
     return out
+
+
+def _apply_weights(onnx_model, ckpt: Checkpoint, torch_dtype, quant, calibration) -> dict | None:
+    """Attach the weights: plain, or quantized with the MoE body that dequantizes them."""
+    spec = ckpt.spec
+    if quant is None:
+        attach_weights(onnx_model, ckpt, torch_dtype)
+        attach_functions(onnx_model, spec)
+        return None
+    from mixbuild.quant.config import Precision
+    from mixbuild.quant.functions import FP8Weights, Int4Weights
+    from mixbuild.quant.report import summary
+    from mixbuild.quant.rewrite import quantize_graph
+
+    h, i = spec.hidden_size, spec.intermediate_size
+    scheme = (FP8Weights(quant.fp8_per_channel, h, i) if quant.precision is Precision.FP8
+              else Int4Weights(quant.group_size, h, i))
+    counts = quantize_graph(onnx_model, ckpt, calibration, quant, torch_dtype)
+    attach_functions(onnx_model, spec, scheme)
+    return {**quant.to_dict(), **counts, "layers": summary(calibration)}

@@ -76,29 +76,38 @@ def gate_function() -> onnx.FunctionProto:
                                 b.nodes, _opsets(), ["top_k", "normalize", *PLUGIN_ATTRS])
 
 
-def _swiglu(b: _Body, x: str, w_gate_up: str, w_down: str) -> str:
+class PlainWeights:
+    """How the experts body sees its weights and activations: plain (unquantized) here; the
+    quantizers subclass it to dequantize and fake-quantize exactly as the plugins compute."""
+
+    extra_inputs: tuple[str, ...] = ()
+
+    def prologue(self, b: _Body) -> tuple[str, str, str]:
+        """(input as the GEMMs see it, all experts' w_gate_up, all experts' w_down)."""
+        return "hidden", "w_gate_up", "w_down"
+
+    def activation(self, b: _Body, x: str, which: str, expert: int) -> str:
+        """The activation entering GEMM `which` ('gate_up' or 'down') of `expert`."""
+        return x
+
+
+def _swiglu(b: _Body, x: str, w_gate_up: str, w_down: str, scheme: PlainWeights, e: int) -> str:
     """x [n, H] -> w_down(silu(gate) * up) [n, H] with gate/up the halves of x @ w_gate_up^T."""
+    x = scheme.activation(b, x, "gate_up", e)
     gate_up = b("MatMul", x, b("Transpose", w_gate_up, perm=[1, 0]))
     gate, up = b("Split", gate_up, outputs=2, axis=1, num_outputs=2)
-    act = b("Mul", b("Mul", gate, b("Sigmoid", gate)), up)
+    act = scheme.activation(b, b("Mul", b("Mul", gate, b("Sigmoid", gate)), up), "down", e)
     return b("MatMul", act, b("Transpose", w_down, perm=[1, 0]))
 
 
-def experts_function(num_experts: int, expert_weights=None, extra_inputs: tuple[str, ...] = (),
-                     extra_attrs: tuple[str, ...] = ()) -> onnx.FunctionProto:
+def experts_function(num_experts: int, scheme: PlainWeights | None = None) -> onnx.FunctionProto:
     """MoEExperts(hidden [T, H], weights [T, k], expert_ids [T, k], w_gate_up, w_down, ...) -> [T, H].
 
-    `expert_weights(b, e)` returns the names of expert e's dequantized (w_gate_up [2I, H],
-    w_down [H, I]) in the body; by default they are slices of the plain weight inputs. The
-    quantizers pass their own to dequantize exactly as the plugins do.
+    `scheme` decides how the body reads the weights (plain, or dequantized from fp8 / int4).
     """
+    scheme = scheme or PlainWeights()
     b = _Body("x")
-    if expert_weights is None:
-        def expert_weights(body: _Body, e: int) -> tuple[str, str]:
-            index = body.const(e)
-            return (body("Gather", "w_gate_up", index, axis=0),
-                    body("Gather", "w_down", index, axis=0))
-
+    x_all, w_gate_up_all, w_down_all = scheme.prologue(b)
     acc = b("ConstantOfShape", b("Shape", "hidden"),
             value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
     routing = b("Cast", "weights", to=TensorProto.FLOAT)
@@ -110,12 +119,14 @@ def experts_function(num_experts: int, expert_weights=None, extra_inputs: tuple[
                           keepdims=0), to=TensorProto.BOOL)
         rows = b("Transpose", b("NonZero", hit), perm=[1, 0])                         # [n, 1]
         tokens = b("Reshape", rows, b.const([-1]))                                   # [n]
-        w_gate_up, w_down = expert_weights(b, e)
-        y = _swiglu(b, b("Gather", "hidden", tokens, axis=0), w_gate_up, w_down)
+        index = b.const(e)
+        w_gate_up = b("Gather", w_gate_up_all, index, axis=0)
+        w_down = b("Gather", w_down_all, index, axis=0)
+        y = _swiglu(b, b("Gather", x_all, tokens, axis=0), w_gate_up, w_down, scheme, e)
         scale = b("Unsqueeze", b("Gather", coef, tokens, axis=0), b.const([1]))
         acc = b("ScatterND", acc, rows, b("Mul", b("Cast", y, to=TensorProto.FLOAT), scale),
                 reduction="add")
     b.output("CastLike", "out", acc, "hidden")
-    inputs = ["hidden", "weights", "expert_ids", "w_gate_up", "w_down", *extra_inputs]
-    attrs = ["activation", "quantization", "group_size", *PLUGIN_ATTRS, *extra_attrs]
+    inputs = ["hidden", "weights", "expert_ids", "w_gate_up", "w_down", *scheme.extra_inputs]
+    attrs = ["activation", "quantization", "group_size", *PLUGIN_ATTRS]
     return helper.make_function(DOMAIN, EXPERTS_OP, inputs, ["out"], b.nodes, _opsets(), attrs)

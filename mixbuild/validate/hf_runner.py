@@ -1,6 +1,16 @@
 """transformers' MixtralForCausalLM behind the Runner contract: the validation oracle.
 
 mixbuild never validates against its own reference model; the oracle is transformers.
+
+Debug outputs come from forward hooks, never from transformers' own output flags:
+- ``output_hidden_states`` returns, as its last entry, the final-normed hidden state (transformers
+  5.x ties ``hidden_states[-1]`` to ``last_hidden_state``), not the last decoder layer's output;
+  a hook on every decoder layer gives ``debug.{i}.hidden`` [B, S, H] = layer i's output, as the
+  mixbuild reference model and the exported debug outputs define it.
+- ``output_router_logits`` also computes the auxiliary loss; a hook on each router gives
+  ``debug.{i}.router_logits`` [T, E] and ``debug.{i}.expert_ids`` [T, k] int32.
+- ``moe_inputs=True`` adds ``debug.{i}.moe_input`` [T, H]: what layer i's MoE block sees (the
+  post-attention-normed hidden state), for per-expert error measurements.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ class HFRunner:
     name = "transformers"
 
     def __init__(self, checkpoint: str | Path, dtype: str = "float32", router_logits: bool = False,
-                 hidden_states: bool = False) -> None:
+                 hidden_states: bool = False, moe_inputs: bool = False) -> None:
         import torch
         from transformers import MixtralForCausalLM
 
@@ -25,15 +35,31 @@ class HFRunner:
         self.spec = ckpt.spec
         self.model = MixtralForCausalLM.from_pretrained(
             str(ckpt.path), dtype=getattr(torch, dtype), attn_implementation="eager").eval()
-        self.router_logits, self.hidden_states = router_logits, hidden_states
-        self._captured: dict[int, object] = {}
-        if router_logits:  # hooks, not output_router_logits: that path also computes an aux loss
-            for i, layer in enumerate(self.model.model.layers):
-                layer.mlp.gate.register_forward_hook(self._capture(i))
+        self.router_logits, self.hidden_states, self.moe_inputs = router_logits, hidden_states, moe_inputs
+        self._captured: dict[str, object] = {}
+        for i, layer in enumerate(self.model.model.layers):
+            if router_logits:
+                layer.mlp.gate.register_forward_hook(self._capture_router(i))
+            if hidden_states:
+                layer.register_forward_hook(self._capture_hidden(i))
+            if moe_inputs:
+                layer.mlp.register_forward_pre_hook(self._capture_moe_input(i))
 
-    def _capture(self, index: int):
+    def _capture_router(self, index: int):
+        def hook(module, args, output):  # (router_logits [T, E], weights [T, k], ids [T, k])
+            self._captured[f"debug.{index}.router_logits"] = output[0]
+            self._captured[f"debug.{index}.expert_ids"] = output[2].to(dtype=_int32())
+        return hook
+
+    def _capture_hidden(self, index: int):
         def hook(module, args, output):
-            self._captured[index] = output[0]
+            self._captured[f"debug.{index}.hidden"] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def _capture_moe_input(self, index: int):
+        def hook(module, args):
+            x = args[0]
+            self._captured[f"debug.{index}.moe_input"] = x.reshape(-1, x.shape[-1])
         return hook
 
     def _cache(self, feeds):
@@ -52,22 +78,25 @@ class HFRunner:
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        self._captured.clear()
         with torch.inference_mode():
             out = self.model(
                 input_ids=torch.from_numpy(feeds["input_ids"]),
                 attention_mask=torch.from_numpy(feeds["attention_mask"]),
                 position_ids=torch.from_numpy(feeds["position_ids"]),
-                cache=self._cache(feeds), use_cache=True,
-                output_hidden_states=self.hidden_states)
+                cache=self._cache(feeds), use_cache=True)
         result = {"logits": out.logits.float().numpy()}
         for i in range(self.spec.num_layers):
             layer = out.cache.layers[i]
             result[f"present.{i}.key"] = layer.keys.float().numpy()
             result[f"present.{i}.value"] = layer.values.float().numpy()
-        if self.router_logits:
-            for i in range(self.spec.num_layers):
-                result[f"debug.{i}.router_logits"] = self._captured[i].float().numpy()
-        if self.hidden_states:
-            for i, hidden in enumerate(out.hidden_states[1:]):
-                result[f"debug.{i}.hidden"] = hidden.float().numpy()
+        for name, tensor in self._captured.items():
+            result[name] = tensor.numpy() if not tensor.is_floating_point() else tensor.float().numpy()
+        self._captured.clear()
         return result
+
+
+def _int32():
+    import torch
+
+    return torch.int32

@@ -1,0 +1,294 @@
+"""Run a reference and an artifact side by side and judge the artifact.
+
+    report = validate(reference, artifact, spec, batches, steps=32,
+                      tolerances=load_tolerances("fp8"), expert_weights=None)
+
+1. Teacher-forced pass: both runners prefill every batch; logits metrics and perplexity over the
+   real (unpadded) positions. When both runners emit the debug outputs (`debug.{i}.router_logits`,
+   `debug.{i}.expert_ids`, `debug.{i}.hidden`), per-layer router and hidden-state metrics too.
+2. Greedy pass: each runner generates `steps` tokens on its own, with its own KV cache; the
+   report counts the leading tokens that agree and names the first divergence with the
+   reference's top-1/top-2 logit margin there.
+3. Per-expert pass (when `expert_weights` is given and the reference emits `debug.{i}.moe_input`):
+   every expert's output error on the reference MoE inputs of the tokens routed to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from mixbuild.errors import ArtifactError, UsageError
+from mixbuild.model.spec import MixtralSpec
+from mixbuild.progress import track
+from mixbuild.runtime.runner import Runner, greedy_steps, prefill_feeds
+from mixbuild.validate import metrics as M
+from mixbuild.validate.data import Batch
+from mixbuild.validate.experts import ExpertWeights, expert_errors
+from mixbuild.validate.result import Check, LayerReport, Metrics, Report, Worst
+from mixbuild.validate.tolerances import THRESHOLDS, Tolerances
+
+
+# ----------------------------------------------------------------------------- accumulators
+@dataclass
+class _LogitStats:
+    max_abs: float = 0.0
+    abs_sum: float = 0.0
+    values: int = 0
+    cosine: list = field(default_factory=list)
+    kl: list = field(default_factory=list)
+    top1: list = field(default_factory=list)
+    top5: list = field(default_factory=list)
+    nll_reference: list = field(default_factory=lambda: [0.0, 0])
+    nll_artifact: list = field(default_factory=lambda: [0.0, 0])
+    sequences: int = 0
+
+    def add(self, batch: Batch, ref_logits: np.ndarray, art_logits: np.ndarray) -> None:
+        ref = M.real_positions(ref_logits, batch.attention_mask)
+        art = M.real_positions(art_logits, batch.attention_mask)
+        self.max_abs = max(self.max_abs, M.max_abs_error(ref, art))
+        self.abs_sum += M.mean_abs_error(ref, art) * ref.size
+        self.values += ref.size
+        self.cosine.append(M.cosine_similarity(ref, art))
+        self.kl.append(M.kl_divergence(ref, art))
+        self.top1.append(M.topk_agreement(ref, art, 1))
+        self.top5.append(M.topk_agreement(ref, art, 5))
+        mask, targets = M.next_token_targets(batch.input_ids, batch.attention_mask)
+        for total, logits in ((self.nll_reference, ref_logits), (self.nll_artifact, art_logits)):
+            nll, count = M.negative_log_likelihood(logits[:, :-1], targets, mask)
+            total[0] += nll
+            total[1] += count
+        self.sequences += batch.input_ids.shape[0]
+
+
+@dataclass
+class _LayerStats:
+    """One layer's debug-output comparison, pooled over batches."""
+
+    hidden: list = field(default_factory=list)
+    router: list = field(default_factory=list)
+    flips: list = field(default_factory=list)
+    near_ties: int = 0
+    moe_inputs: list = field(default_factory=list)
+    ref_ids: list = field(default_factory=list)
+
+    def add(self, layer: int, ref: dict, art: dict, real: np.ndarray, k: int, near_tie_gap: float,
+            keep_moe_inputs: bool) -> None:
+        tokens = real.reshape(-1)
+        key = f"debug.{layer}."
+        if key + "hidden" in ref and key + "hidden" in art:
+            self.hidden.append(M.max_abs_error(ref[key + "hidden"][real], art[key + "hidden"][real]))
+        if key + "router_logits" not in ref or key + "router_logits" not in art:
+            return
+        ref_logits = ref[key + "router_logits"][tokens]
+        self.router.append(M.max_abs_error(ref_logits, art[key + "router_logits"][tokens]))
+        ref_ids, art_ids = (_chosen_experts(out, layer, k)[tokens] for out in (ref, art))
+        flips = M.router_flips(ref_ids, art_ids)
+        self.flips.append(flips)
+        self.near_ties += M.near_tie_flips(flips, ref_logits, k, near_tie_gap)
+        if keep_moe_inputs and key + "moe_input" in ref:
+            self.moe_inputs.append(ref[key + "moe_input"][tokens])
+            self.ref_ids.append(ref_ids)
+
+
+def _chosen_experts(outputs: dict, layer: int, k: int) -> np.ndarray:
+    """debug.{i}.expert_ids, or the top-k of the router logits when a runner gives only those."""
+    ids = outputs.get(f"debug.{layer}.expert_ids")
+    return ids if ids is not None else M.routing_from_logits(outputs[f"debug.{layer}.router_logits"], k)
+
+
+@dataclass
+class _Greedy:
+    steps: int
+    match_steps: int = 0
+    total_steps: int = 0
+    first: M.Divergence | None = None
+    sequences: int = 0
+
+    def add(self, ref: tuple[np.ndarray, np.ndarray], art: tuple[np.ndarray, np.ndarray]) -> None:
+        (ref_tokens, margins), (art_tokens, _) = ref, art
+        self.match_steps += int(M.matching_prefix(ref_tokens, art_tokens).sum())
+        self.total_steps += ref_tokens.size
+        found = M.greedy_divergence(ref_tokens, art_tokens, margins)
+        if found is not None:
+            found = dataclasses.replace(found, sequence=found.sequence + self.sequences)
+            if self.first is None or found.step < self.first.step:
+                self.first = found
+        self.sequences += ref_tokens.shape[0]
+
+
+# ----------------------------------------------------------------------------- passes
+def _check_inputs(spec: MixtralSpec, batches: Sequence[Batch], steps: int) -> None:
+    if not batches:
+        raise UsageError("validation needs at least one batch of evaluation tokens")
+    if steps < 0:
+        raise UsageError("greedy steps must not be negative", found=str(steps))
+    for batch in batches:
+        real = batch.input_ids[batch.attention_mask.astype(bool)]
+        if real.size and (real.min() < 0 or real.max() >= spec.vocab_size):
+            raise UsageError("evaluation token ids are outside the model's vocabulary",
+                             expected=f"0 <= id < {spec.vocab_size}",
+                             found=f"ids from {real.min()} to {real.max()}",
+                             hint="tokenize with the tokenizer.json of the checkpoint being validated")
+
+
+def _infer_pair(reference: Runner, artifact: Runner, spec: MixtralSpec, batch: Batch, kv_dtype):
+    ref = reference.infer(prefill_feeds(spec, batch.input_ids, batch.attention_mask))
+    art = artifact.infer(prefill_feeds(spec, batch.input_ids, batch.attention_mask, kv_dtype))
+    if art["logits"].shape != ref["logits"].shape:
+        raise ArtifactError(f"{artifact.name}: logits have the wrong shape",
+                            expected=str(ref["logits"].shape), found=str(art["logits"].shape))
+    return ref, art
+
+
+def _teacher_forced(reference, artifact, spec, batches, tolerances, keep_moe_inputs, kv_dtype,
+                    progress):
+    logits = _LogitStats()
+    layers = [_LayerStats() for _ in range(spec.num_layers)]
+    for batch in track(batches, total=len(batches), label="teacher-forced", enabled=progress):
+        ref, art = _infer_pair(reference, artifact, spec, batch, kv_dtype)
+        logits.add(batch, ref["logits"], art["logits"])
+        real = batch.attention_mask.astype(bool)
+        for i, stats in enumerate(layers):
+            stats.add(i, ref, art, real, spec.top_k, tolerances.router_near_tie_gap, keep_moe_inputs)
+    return logits, layers
+
+
+def _greedy_tokens(runner: Runner, spec: MixtralSpec, batch: Batch, steps: int, kv_dtype):
+    """`steps` greedy tokens [B, steps] and the top-1/top-2 logit margins at each step."""
+    tokens, margins = [], []
+    for _, out in greedy_steps(runner, spec, batch.input_ids, batch.attention_mask, steps - 1,
+                               kv_dtype=kv_dtype):
+        last = out["logits"][:, -1]
+        tokens.append(last.argmax(-1))
+        margins.append(M.logit_margin(last))
+    return np.stack(tokens, axis=1), np.stack(margins, axis=1)
+
+
+def _greedy(reference, artifact, spec, batches, steps, kv_dtype, progress) -> _Greedy:
+    result = _Greedy(steps)
+    if steps == 0:
+        return result
+    for batch in track(batches, total=len(batches), label="greedy", enabled=progress):
+        result.add(_greedy_tokens(reference, spec, batch, steps, np.float32),
+                   _greedy_tokens(artifact, spec, batch, steps, kv_dtype))
+    return result
+
+
+def _expert_pass(layers: list[_LayerStats], expert_weights: ExpertWeights, progress):
+    """Per layer: (errors [E] with NaN for unused experts, tokens [E]), or None without inputs."""
+    results = []
+    for i, stats in track(list(enumerate(layers)), label="experts", enabled=progress):
+        if not stats.moe_inputs:
+            results.append(None)
+            continue
+        x, ids = np.concatenate(stats.moe_inputs), np.concatenate(stats.ref_ids)
+        results.append(expert_errors(x, ids, expert_weights.reference(i), expert_weights.artifact(i)))
+    return results
+
+
+# ----------------------------------------------------------------------------- assembly
+def _layer_report(index: int, stats: _LayerStats, experts) -> LayerReport:
+    flips = np.concatenate(stats.flips) if stats.flips else None
+    errors, counts = experts if experts is not None else ((), ())
+    return LayerReport(
+        layer=index,
+        hidden_max_abs=max(stats.hidden) if stats.hidden else None,
+        router_logits_max_abs=max(stats.router) if stats.router else None,
+        router_flip_rate=float(flips.mean()) if flips is not None and flips.size else None,
+        router_flips=int(flips.sum()) if flips is not None else None,
+        near_tie_flips=stats.near_ties if flips is not None else None,
+        tokens=int(flips.size) if flips is not None else 0,
+        expert_max_abs=tuple(None if np.isnan(e) else float(e) for e in errors),
+        expert_tokens=tuple(int(c) for c in counts))
+
+
+def _metrics(logits: _LogitStats, greedy: _Greedy, layers: tuple[LayerReport, ...]) -> Metrics:
+    ppl_ref = M.perplexity_from_nll(*logits.nll_reference)
+    ppl_art = M.perplexity_from_nll(*logits.nll_artifact)
+    rates = [lr.router_flip_rate for lr in layers if lr.router_flip_rate is not None]
+    flips = sum(lr.router_flips or 0 for lr in layers)
+    routed = sum(lr.tokens for lr in layers)
+    cat = np.concatenate
+    return Metrics(
+        positions=int(sum(c.size for c in logits.cosine)), sequences=logits.sequences,
+        logits_max_abs=logits.max_abs, logits_mean_abs=logits.abs_sum / max(logits.values, 1),
+        logits_cosine_min=float(cat(logits.cosine).min()), kl_mean=float(cat(logits.kl).mean()),
+        kl_max=float(cat(logits.kl).max()), top1_agreement=float(cat(logits.top1).mean()),
+        top5_agreement=float(cat(logits.top5).mean()), ppl_reference=ppl_ref,
+        ppl_artifact=ppl_art, ppl_rel_delta=M.relative_delta(ppl_ref, ppl_art),
+        greedy_steps=greedy.total_steps, greedy_match_steps=greedy.match_steps,
+        greedy_match_fraction=(greedy.match_steps / greedy.total_steps if greedy.total_steps
+                               else None),
+        first_divergence=greedy.first,
+        router_flip_rate=max(rates) if rates else None,
+        router_flip_rate_mean=flips / routed if routed else None)
+
+
+def _checks(metrics: Metrics, tolerances: Tolerances) -> tuple[tuple[Check, ...], tuple[str, ...]]:
+    """A check per threshold that could be measured; the names that could not be are skipped."""
+    checks, skipped = [], []
+    for name in THRESHOLDS:
+        value = getattr(metrics, name)
+        if value is None:
+            skipped.append(name)
+        else:
+            checks.append(tolerances.check(name, value))
+    return tuple(checks), tuple(skipped)
+
+
+def worst_location(layers: Sequence[LayerReport]) -> Worst | None:
+    """The (layer, expert) with the largest expert output error; without a non-zero expert
+    error, the layer whose hidden-state error grew the most over the previous layer's. None
+    when there is nothing to point at (no per-layer data, or no error anywhere)."""
+    return _worst_expert(layers) or _worst_hidden_growth(layers)
+
+
+def _worst_expert(layers: Sequence[LayerReport]) -> Worst | None:
+    found = [(value, lr.layer, expert) for lr in layers
+             for expert, value in enumerate(lr.expert_max_abs) if value is not None]
+    if not found or max(found)[0] <= 0.0:
+        return None
+    value, layer, expert = max(found, key=lambda t: t[0])
+    return Worst(layer=layer, expert=expert, value=value, basis="expert_max_abs")
+
+
+def _worst_hidden_growth(layers: Sequence[LayerReport]) -> Worst | None:
+    hidden = [(lr.layer, lr.hidden_max_abs) for lr in layers if lr.hidden_max_abs is not None]
+    growth = [(layer, value - (hidden[j - 1][1] if j else 0.0))
+              for j, (layer, value) in enumerate(hidden)]
+    if not growth or max(g for _, g in growth) <= 0.0:
+        return None
+    layer, value = max(growth, key=lambda t: t[1])
+    return Worst(layer=layer, expert=None, value=value, basis="hidden_growth")
+
+
+def validate(reference: Runner, artifact: Runner, spec: MixtralSpec, batches: Sequence[Batch],
+             steps: int, tolerances: Tolerances, expert_weights: ExpertWeights | None = None, *,
+             artifact_kv_dtype=np.float32, progress: bool = False) -> Report:
+    """Judge `artifact` against `reference` on `batches` (see data.evaluation_batches).
+
+    steps: greedy tokens generated per sequence (0 skips the greedy pass). tolerances: from
+    load_tolerances(precision). expert_weights: optional ExpertWeights for per-expert errors
+    (needs `debug.{i}.moe_input` from the reference, e.g. HFRunner(moe_inputs=True)).
+    artifact_kv_dtype: dtype of the artifact's past key/value feeds. Metrics a runner cannot
+    provide are skipped and listed in `Report.skipped`; `passed` covers the measured checks.
+    """
+    batches = list(batches)
+    _check_inputs(spec, batches, steps)
+    logits, layer_stats = _teacher_forced(reference, artifact, spec, batches, tolerances,
+                                          expert_weights is not None, artifact_kv_dtype, progress)
+    experts = (_expert_pass(layer_stats, expert_weights, progress) if expert_weights is not None
+               else [None] * spec.num_layers)
+    layers = tuple(_layer_report(i, s, e) for i, (s, e) in enumerate(zip(layer_stats, experts)))
+    greedy = _greedy(reference, artifact, spec, batches, steps, artifact_kv_dtype, progress)
+    metrics = _metrics(logits, greedy, layers)
+    checks, skipped = _checks(metrics, tolerances)
+    if expert_weights is not None and all(e is None for e in experts):
+        skipped += ("expert_max_abs",)
+    return Report(passed=all(c.passed for c in checks), precision=tolerances.precision.value,
+                  backend=artifact.name, reference=reference.name, metrics=metrics, layers=layers,
+                  checks=checks, worst=worst_location(layers), skipped=skipped)

@@ -1,0 +1,224 @@
+"""Numerical comparison metrics: small pure numpy functions with no model knowledge.
+
+Shape legend: N = compared positions, V = vocab, T = tokens, E = experts, k = experts per token.
+Logits arguments are [N, V] arrays of the positions to compare (padding already removed, see
+`real_positions`), the reference first and the artifact second. Reductions over positions that
+feed an accumulated metric (KL, cosine, agreement) return per-position arrays, so callers can
+pool several batches before averaging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------- helpers
+def real_positions(values: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """Rows of `values` [B, S, ...] where the mask [B, S] is set, flattened to [N, ...]."""
+    return values[attention_mask.astype(bool)]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable log-softmax over the last axis, computed in float64."""
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def topk_ids(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values along the last axis, largest first, ties to the lower id."""
+    return np.argsort(-values, axis=-1, kind="stable")[..., :k]
+
+
+# ----------------------------------------------------------------------------- logits
+def max_abs_error(reference: np.ndarray, artifact: np.ndarray) -> float:
+    """Largest absolute elementwise difference (0.0 for empty inputs). Used for logits, router
+    logits and hidden states alike."""
+    if reference.size == 0:
+        return 0.0
+    return float(np.abs(reference.astype(np.float64) - artifact.astype(np.float64)).max())
+
+
+def mean_abs_error(reference: np.ndarray, artifact: np.ndarray) -> float:
+    """Mean absolute elementwise difference (0.0 for empty inputs)."""
+    if reference.size == 0:
+        return 0.0
+    return float(np.abs(reference.astype(np.float64) - artifact.astype(np.float64)).mean())
+
+
+def cosine_similarity(reference: np.ndarray, artifact: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each position's vectors: [N, V] x [N, V] -> [N].
+
+    Two zero vectors are identical (1.0); a zero vector against a non-zero one scores 0.0.
+    """
+    a, b = reference.astype(np.float64), artifact.astype(np.float64)
+    dot = (a * b).sum(axis=-1)
+    norm_a, norm_b = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
+    norms = norm_a * norm_b
+    cos = np.divide(dot, norms, out=np.zeros_like(dot), where=norms > 0)
+    return np.where((norm_a == 0) & (norm_b == 0), 1.0, np.clip(cos, -1.0, 1.0))
+
+
+def cosine_min(reference: np.ndarray, artifact: np.ndarray) -> float:
+    """The smallest per-position cosine similarity (1.0 when there are no positions)."""
+    cos = cosine_similarity(reference, artifact)
+    return float(cos.min()) if cos.size else 1.0
+
+
+def kl_divergence(reference: np.ndarray, artifact: np.ndarray) -> np.ndarray:
+    """KL(reference || artifact) of the next-token distributions at each position: [N, V] -> [N].
+
+    Both sides go through a float64 log-softmax; the sum runs over the reference's support, so
+    a token the reference gives probability 0 contributes nothing. Never negative.
+    """
+    log_p, log_q = log_softmax(reference), log_softmax(artifact)
+    p = np.exp(log_p)
+    kl = (p * (log_p - log_q)).sum(axis=-1)
+    return np.maximum(kl, 0.0)
+
+
+def topk_agreement(reference: np.ndarray, artifact: np.ndarray, k: int) -> np.ndarray:
+    """Per position, the overlap of the two top-k token sets divided by k: [N, V] -> [N] in [0, 1].
+
+    For k = 1 this is 1.0 where the argmax tokens agree and 0.0 where they differ; the mean over
+    positions is the top-k agreement. Ties go to the lower token id on both sides.
+    """
+    k = min(k, reference.shape[-1])
+    ref, art = topk_ids(reference, k), topk_ids(artifact, k)
+    hits = (ref[:, :, None] == art[:, None, :]).any(axis=-1).sum(axis=-1)
+    return hits / float(k)
+
+
+# ----------------------------------------------------------------------------- perplexity
+def next_token_targets(input_ids: np.ndarray, attention_mask: np.ndarray):
+    """Align a prefill with its own next tokens.
+
+    Returns (positions [B, S-1] bool, targets [B, S-1]): logits[:, :-1] predict input_ids[:, 1:],
+    and a position counts only where both the predicting and the predicted token are real.
+    """
+    mask = attention_mask.astype(bool)
+    return mask[:, :-1] & mask[:, 1:], input_ids[:, 1:]
+
+
+def negative_log_likelihood(logits: np.ndarray, targets: np.ndarray,
+                            mask: np.ndarray) -> tuple[float, int]:
+    """Summed NLL (natural log, float64) of `targets` [B, S] under `logits` [B, S, V] over the
+    positions where `mask` [B, S] is set, and how many positions that was. Sums pool batches."""
+    mask = mask.astype(bool)
+    if not mask.any():
+        return 0.0, 0
+    logp = log_softmax(logits[mask])
+    picked = np.take_along_axis(logp, targets[mask].astype(np.int64)[:, None], axis=-1)
+    return float(-picked.sum()), int(mask.sum())
+
+
+def perplexity(logits: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> float:
+    """exp(mean NLL) of `targets` under `logits` over the masked-in positions (padding masked
+    out). A uniform distribution over V tokens has perplexity V. NaN when no position counts."""
+    total, count = negative_log_likelihood(logits, targets, mask)
+    return perplexity_from_nll(total, count)
+
+
+def perplexity_from_nll(total: float, count: int) -> float:
+    """exp(total / count), NaN for count 0: finishes a perplexity pooled over batches."""
+    return float(np.exp(total / count)) if count else float("nan")
+
+
+def relative_delta(reference: float, artifact: float) -> float:
+    """(artifact - reference) / reference: +0.01 means the artifact is 1% higher."""
+    return (artifact - reference) / reference
+
+
+# ----------------------------------------------------------------------------- greedy
+@dataclass(frozen=True)
+class Divergence:
+    """The first greedy step where two generations disagree.
+
+    sequence: the row of the compared arrays (the caller may offset it to a global sequence
+    index); step: index of the generated token (0 = the token predicted by the prefill); margin: the reference's top-1 minus top-2 logit there (a small margin means a near tie
+    that any rounding can flip)."""
+
+    sequence: int
+    step: int
+    reference_token: int
+    artifact_token: int
+    margin: float
+
+
+def logit_margin(logits: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 logit along the last axis: [..., V] -> [...]."""
+    if logits.shape[-1] < 2:
+        return np.full(logits.shape[:-1], np.inf)
+    top2 = np.sort(logits.astype(np.float64), axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
+
+
+def matching_prefix(reference_tokens: np.ndarray, artifact_tokens: np.ndarray) -> np.ndarray:
+    """Per row of two [B, N] greedy token arrays, how many leading tokens agree: [B]."""
+    same = reference_tokens == artifact_tokens
+    if same.shape[1] == 0:
+        return np.zeros(same.shape[0], np.int64)
+    first_diff = np.where(same.all(axis=1), same.shape[1], np.argmin(same, axis=1))
+    return first_diff.astype(np.int64)
+
+
+def greedy_divergence(reference_tokens: np.ndarray, artifact_tokens: np.ndarray,
+                      reference_margins: np.ndarray) -> Divergence | None:
+    """The earliest step where any row's greedy tokens differ, or None when all agree.
+
+    reference_tokens / artifact_tokens: [B, N]; reference_margins: [B, N] top-1 minus top-2
+    logits of the reference at each step (see `logit_margin`). Ties pick the lowest row.
+    """
+    prefix = matching_prefix(reference_tokens, artifact_tokens)
+    steps = reference_tokens.shape[1]
+    if (prefix >= steps).all():
+        return None
+    row = int(np.argmin(prefix))
+    step = int(prefix[row])
+    return Divergence(sequence=row, step=step, reference_token=int(reference_tokens[row, step]),
+                      artifact_token=int(artifact_tokens[row, step]),
+                      margin=float(reference_margins[row, step]))
+
+
+# ----------------------------------------------------------------------------- router
+def router_flips(reference_ids: np.ndarray, artifact_ids: np.ndarray) -> np.ndarray:
+    """Per token, whether the chosen expert SET differs: [T, k] x [T, k] -> [T] bool.
+
+    Order inside the top-k does not matter: (3, 5) and (5, 3) are the same choice."""
+    return (np.sort(reference_ids, axis=-1) != np.sort(artifact_ids, axis=-1)).any(axis=-1)
+
+
+def router_flip_rate(reference_ids: np.ndarray, artifact_ids: np.ndarray) -> float:
+    """Fraction of tokens whose chosen expert set differs (0.0 for no tokens)."""
+    flips = router_flips(reference_ids, artifact_ids)
+    return float(flips.mean()) if flips.size else 0.0
+
+
+def router_gap(router_logits: np.ndarray, k: int) -> np.ndarray:
+    """Per token, the k-th minus the (k+1)-th largest router probability: [T, E] -> [T].
+
+    A small gap means the k-th expert was nearly a tie with the first one left out, so a tiny
+    numerical change may swap them. Infinite when k equals the number of experts."""
+    if k >= router_logits.shape[-1]:
+        return np.full(router_logits.shape[0], np.inf)
+    probs = np.exp(log_softmax(router_logits))
+    ranked = -np.sort(-probs, axis=-1)
+    return ranked[:, k - 1] - ranked[:, k]
+
+
+def near_tie_flips(flips: np.ndarray, reference_router_logits: np.ndarray, k: int,
+                   threshold: float) -> int:
+    """How many flipped tokens were near ties in the reference: router_gap < threshold.
+
+    flips: [T] bool from `router_flips`; reference_router_logits: [T, E]. Flips that are not near
+    ties are the alarming ones: the artifact changed a clear routing decision."""
+    gaps = router_gap(reference_router_logits, k)
+    return int((flips & (gaps < threshold)).sum())
+
+
+def routing_from_logits(router_logits: np.ndarray, k: int) -> np.ndarray:
+    """The top-k expert ids a router picks from its logits (softmax is monotonic): [T, E] -> [T, k]
+    int32, ties to the lower expert id as in the MoEGate contract."""
+    return topk_ids(router_logits, k).astype(np.int32)

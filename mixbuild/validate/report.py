@@ -1,0 +1,271 @@
+"""Writing and showing a validation Report.
+
+    write_report(report, "validation/")   # report.json, report.md, report.png, atomically
+    print_summary(report)                 # a compact rich table on the terminal
+
+report.json keys: schema, passed, precision, backend, reference, metrics (logits_max_abs,
+logits_cosine_min, kl_mean, top1_agreement, top5_agreement, ppl_reference, ppl_artifact,
+ppl_rel_delta, greedy_match_steps, greedy_steps, first_divergence, ...), layers (layer,
+hidden_max_abs, router_logits_max_abs, router_flip_rate, near_tie_flips, expert_max_abs, ...),
+checks ({metric: {value, threshold, bound, passed}}), worst ({layer, expert, value, basis} or
+null), skipped (metrics that could not be measured).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from mixbuild.errors import UsageError, require
+from mixbuild.validate.result import Report
+
+SCHEMA = "mixbuild.validate/1"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def report_document(report: Report) -> dict[str, Any]:
+    """The report.json document (plain JSON types; NaN written as null)."""
+    from mixbuild import __version__
+
+    doc = report.to_dict()
+    doc["checks"] = {c.pop("name"): c for c in doc["checks"]}
+    return {"schema": SCHEMA, "mixbuild_version": __version__, **doc}
+
+
+def write_report(report: Report, out_dir: str | Path, plot: bool = True) -> Path:
+    """Write report.json, report.md and (when `plot`) report.png into `out_dir`.
+
+    The files are written to a temporary sibling directory and renamed into place only when all
+    are complete, so an interrupted run never leaves a partial report; an existing report
+    directory is replaced. Raises MissingDependencyError (extra 'plot') before writing anything
+    when `plot` is set and matplotlib is not installed."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"report path exists and is not a directory: {out_dir}")
+    if plot:
+        require("matplotlib", "plot", "the validation report plot")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        (tmp / "report.json").write_text(json.dumps(report_document(report), indent=2) + "\n")
+        (tmp / "report.md").write_text(render_markdown(report))
+        if plot:
+            plot_report(report, tmp / "report.png")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    if not target.exists():
+        new.rename(target)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    target.rename(old)
+    try:
+        new.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- text
+def fmt(value: Any) -> str:
+    """Compact number formatting for tables; None as a dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _divergence_text(report: Report) -> str:
+    m, d = report.metrics, report.metrics.first_divergence
+    if m.greedy_steps == 0:
+        return "greedy generation skipped"
+    head = f"{m.greedy_match_steps}/{m.greedy_steps} greedy steps match"
+    if d is None:
+        return head + "; no divergence"
+    return (f"{head}; first divergence: sequence {d.sequence}, step {d.step}, token "
+            f"{d.reference_token} (reference) vs {d.artifact_token} (artifact), reference "
+            f"top-1/top-2 margin {d.margin:.4g}")
+
+
+def _worst_text(report: Report) -> str:
+    w = report.worst
+    if w is None:
+        return "no per-layer error to localise"
+    where = f"layer {w.layer}" + (f", expert {w.expert}" if w.expert is not None else "")
+    basis = "expert output max abs error" if w.basis == "expert_max_abs" else "hidden error growth"
+    return f"{where} ({basis} {w.value:.4g})"
+
+
+def render_markdown(report: Report) -> str:
+    """report.md: verdict, checks, key metrics, greedy divergence, per-layer and per-expert tables."""
+    m = report.metrics
+    lines = [f"# Validation: {'PASSED' if report.passed else 'FAILED'}", "",
+             f"- artifact backend: `{report.backend}` at precision `{report.precision}`",
+             f"- reference: `{report.reference}`",
+             f"- {m.sequences} sequences, {m.positions} compared positions",
+             f"- {_divergence_text(report)}", f"- worst: {_worst_text(report)}"]
+    if report.skipped:
+        lines.append(f"- skipped (not measurable with these runners): {', '.join(report.skipped)}")
+    lines += ["", "## Checks", "", "| metric | value | bound | threshold | result |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {c.name} | {fmt(c.value)} | {c.bound.replace('|', chr(92) + '|')} | {fmt(c.threshold)} | "
+              f"{'pass' if c.passed else '**FAIL**'} |" for c in report.checks]
+    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+    for name in ("logits_mean_abs", "kl_max", "top5_agreement", "ppl_reference", "ppl_artifact",
+                 "router_flip_rate_mean"):
+        lines.append(f"| {name} | {fmt(getattr(m, name))} |")
+    return "\n".join(lines + [""] + _layer_table(report) + _expert_table(report)) + "\n"
+
+
+def _layer_table(report: Report) -> list[str]:
+    if not report.layers or all(lr.hidden_max_abs is None and lr.router_flip_rate is None
+                                for lr in report.layers):
+        return ["## Layers", "", "No per-layer debug outputs from both runners.", ""]
+    lines = ["## Layers", "", "| layer | hidden max abs | router logits max abs | router flip rate "
+             "| flips | near-tie flips | worst expert |", "|---|---|---|---|---|---|---|"]
+    for lr in report.layers:
+        errors = [(e, x) for e, x in enumerate(lr.expert_max_abs) if x is not None]
+        worst = max(errors, key=lambda t: t[1]) if errors else None
+        worst = worst if worst and worst[1] > 0 else None
+        worst_text = f"{worst[0]} ({fmt(worst[1])})" if worst else "—"
+        lines.append(f"| {lr.layer} | {fmt(lr.hidden_max_abs)} | {fmt(lr.router_logits_max_abs)} | "
+                     f"{fmt(lr.router_flip_rate)} | {fmt(lr.router_flips)} | "
+                     f"{fmt(lr.near_tie_flips)} | {worst_text} |")
+    return lines + [""]
+
+
+def _expert_table(report: Report) -> list[str]:
+    width = max((len(lr.expert_max_abs) for lr in report.layers), default=0)
+    if width == 0:
+        return []
+    lines = ["## Per-expert output max abs error", "",
+             "| layer | " + " | ".join(f"e{e}" for e in range(width)) + " |",
+             "|---" * (width + 1) + "|"]
+    for lr in report.layers:
+        cells = [fmt(x) for x in lr.expert_max_abs] + ["—"] * (width - len(lr.expert_max_abs))
+        lines.append(f"| {lr.layer} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+# ----------------------------------------------------------------------------- plot
+def plot_report(report: Report, path: str | Path) -> None:
+    """report.png: per-layer hidden-state error (log scale), router flip rate per layer, and a
+    per-(layer, expert) error heatmap when expert errors were measured. Uses the Agg canvas
+    directly, so no display and no global pyplot state are involved."""
+    require("matplotlib", "plot", "the validation report plot")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    grid = _expert_grid(report)
+    panels = 3 if grid is not None else 2
+    fig = Figure(figsize=(5 * panels, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, panels)
+    _plot_hidden(axes[0], report)
+    _plot_flips(axes[1], report)
+    if grid is not None:
+        _plot_experts(fig, axes[2], grid, report.worst)
+    verdict = "PASSED" if report.passed else "FAILED"
+    fig.suptitle(f"{report.backend} ({report.precision}) vs {report.reference}: {verdict}")
+    fig.tight_layout()
+    fig.savefig(str(path), format="png")
+
+
+def _plot_hidden(ax, report: Report) -> None:
+    layers = [lr.layer for lr in report.layers if lr.hidden_max_abs is not None]
+    values = [max(lr.hidden_max_abs, 1e-12) for lr in report.layers if lr.hidden_max_abs is not None]
+    ax.set_title("hidden state max abs error")
+    ax.set_xlabel("layer")
+    if not values:
+        ax.text(0.5, 0.5, "no hidden-state outputs", ha="center", va="center", transform=ax.transAxes)
+        return
+    ax.bar(layers, values, color="tab:blue")
+    ax.set_yscale("log")
+    _integer_ticks(ax.xaxis)
+
+
+def _plot_flips(ax, report: Report) -> None:
+    layers = [lr.layer for lr in report.layers if lr.router_flip_rate is not None]
+    values = [lr.router_flip_rate for lr in report.layers if lr.router_flip_rate is not None]
+    ax.set_title("router flip rate")
+    ax.set_xlabel("layer")
+    if not values:
+        ax.text(0.5, 0.5, "no router outputs", ha="center", va="center", transform=ax.transAxes)
+        return
+    ax.bar(layers, values, color="tab:orange")
+    ax.set_ylim(0, max(max(values) * 1.2, 0.01))
+    _integer_ticks(ax.xaxis)
+
+
+def _expert_grid(report: Report):
+    import numpy as np
+
+    width = max((len(lr.expert_max_abs) for lr in report.layers), default=0)
+    if width == 0:
+        return None
+    grid = np.full((len(report.layers), width), np.nan)
+    for row, lr in enumerate(report.layers):
+        for e, x in enumerate(lr.expert_max_abs):
+            if x is not None:
+                grid[row, e] = x
+    return grid
+
+
+def _plot_experts(fig, ax, grid, worst) -> None:
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    shown = np.log10(np.maximum(grid, 1e-12))
+    image = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", cmap="viridis")
+    ax.set_title("expert output max abs error (log10)")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    _integer_ticks(ax.xaxis, ax.yaxis)
+    if worst is not None and worst.expert is not None:
+        ax.add_patch(Rectangle((worst.expert - 0.5, worst.layer - 0.5), 1, 1, fill=False,
+                               edgecolor="red", linewidth=2))
+    fig.colorbar(image, ax=ax)
+
+
+def _integer_ticks(*axes) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in axes:
+        axis.set_major_locator(MaxNLocator(integer=True))
+
+
+# ----------------------------------------------------------------------------- terminal
+def print_summary(report: Report, console=None) -> None:
+    """A compact rich table of the checks, then the verdict, greedy result and worst location."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"validate {report.backend} ({report.precision}) vs {report.reference}")
+    for column in ("metric", "value", "threshold", "result"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for c in report.checks:
+        result = "[green]pass[/green]" if c.passed else "[bold red]FAIL[/bold red]"
+        table.add_row(c.name, fmt(c.value), f"{c.bound} {fmt(c.threshold)}", result)
+    console.print(table)
+    verdict = "[bold green]PASSED[/bold green]" if report.passed else "[bold red]FAILED[/bold red]"
+    console.print(f"{verdict}  ppl {fmt(report.metrics.ppl_reference)} -> "
+                  f"{fmt(report.metrics.ppl_artifact)}; {_divergence_text(report)}")
+    console.print(f"worst: {_worst_text(report)}")
+    if report.skipped:
+        console.print(f"skipped: {', '.join(report.skipped)}")

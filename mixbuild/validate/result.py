@@ -1,0 +1,114 @@
+"""What a validation run found: frozen dataclasses, JSON-ready through `to_dict`.
+
+`compare.validate` builds a Report; `report` writes and prints it. Values that could not be
+measured are None (NaN never reaches report.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from mixbuild.validate.metrics import Divergence
+
+
+@dataclass(frozen=True)
+class Check:
+    """One metric against its tolerance: `value bound threshold` must hold ('<=', '>=', '|x| <=')."""
+
+    name: str
+    value: float | None
+    threshold: float
+    bound: str
+    passed: bool
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Whole-model metrics over every real (unpadded) position of the evaluation batches."""
+
+    positions: int
+    sequences: int
+    logits_max_abs: float
+    logits_mean_abs: float
+    logits_cosine_min: float
+    kl_mean: float
+    kl_max: float
+    top1_agreement: float
+    top5_agreement: float
+    ppl_reference: float
+    ppl_artifact: float
+    ppl_rel_delta: float
+    greedy_steps: int
+    greedy_match_steps: int
+    greedy_match_fraction: float | None
+    first_divergence: Divergence | None
+    router_flip_rate: float | None = None       # worst layer
+    router_flip_rate_mean: float | None = None  # pooled over layers
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """MoE-aware metrics of one decoder layer (None where a runner gave no debug output).
+
+    expert_max_abs[e] is expert e's output error on the reference MoE inputs of the tokens the
+    reference routed to it (None when no token went there or no expert weights were given)."""
+
+    layer: int
+    hidden_max_abs: float | None
+    router_logits_max_abs: float | None
+    router_flip_rate: float | None
+    router_flips: int | None
+    near_tie_flips: int | None
+    tokens: int
+    expert_max_abs: tuple[float | None, ...] = ()
+    expert_tokens: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Worst:
+    """Where the error most likely comes from.
+
+    basis 'expert_max_abs': the (layer, expert) with the largest expert output error;
+    'hidden_growth': no expert errors, so the layer whose output error grew most over its input's
+    (expert is None)."""
+
+    layer: int
+    expert: int | None
+    value: float
+    basis: str
+
+
+@dataclass(frozen=True)
+class Report:
+    passed: bool
+    precision: str
+    backend: str
+    reference: str
+    metrics: Metrics
+    layers: tuple[LayerReport, ...]
+    checks: tuple[Check, ...]
+    worst: Worst | None
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def failed_checks(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if not c.passed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report.json document: plain JSON types, NaN and infinities as None."""
+        return _clean(dataclasses.asdict(self))
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
+        return _clean(value.item())
+    return value

@@ -1,0 +1,192 @@
+"""Pass/fail thresholds per precision, kept as data in tolerances.json next to this module.
+
+    tol = load_tolerances("fp8", overrides={"top1_agreement": 0.95})
+    check = tol.check("top1_agreement", 0.981)   # Check(passed=True, bound='>=', ...)
+
+Every threshold has a direction (THRESHOLDS): an upper bound ('<='), a lower bound ('>='), or
+an upper bound on the magnitude ('|x| <=', for the perplexity delta, which may go either way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Mapping
+
+from mixbuild.errors import UsageError
+from mixbuild.validate.result import Check
+
+
+class Bound(str, Enum):
+    AT_MOST = "<="
+    AT_LEAST = ">="
+    ABS_AT_MOST = "|x| <="
+
+    def holds(self, value: float, threshold: float) -> bool:
+        if self is Bound.AT_MOST:
+            return value <= threshold
+        if self is Bound.AT_LEAST:
+            return value >= threshold
+        return abs(value) <= threshold
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    FP8 = "fp8"
+    INT4 = "int4"
+
+    @classmethod
+    def parse(cls, value: "str | Precision") -> "Precision":
+        aliases = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+        text = str(getattr(value, "value", value)).lower()
+        try:
+            return cls(aliases.get(text, text))
+        except ValueError:
+            raise UsageError(f"unknown precision '{value}'",
+                             expected=", ".join(p.value for p in cls), found=str(value)) from None
+
+
+# metric name -> direction of its threshold (the metric keys of tolerances.json)
+THRESHOLDS: dict[str, Bound] = {
+    "logits_max_abs": Bound.AT_MOST,
+    "logits_cosine_min": Bound.AT_LEAST,
+    "kl_mean": Bound.AT_MOST,
+    "top1_agreement": Bound.AT_LEAST,
+    "ppl_rel_delta": Bound.ABS_AT_MOST,
+    "greedy_match_fraction": Bound.AT_LEAST,
+    "router_flip_rate": Bound.AT_MOST,
+}
+# allowed value range of every numeric field
+RANGES: dict[str, tuple[float, float]] = {
+    "logits_max_abs": (0.0, math.inf), "logits_cosine_min": (-1.0, 1.0), "kl_mean": (0.0, math.inf),
+    "top1_agreement": (0.0, 1.0), "ppl_rel_delta": (0.0, math.inf),
+    "greedy_match_fraction": (0.0, 1.0), "router_flip_rate": (0.0, 1.0),
+    "router_near_tie_gap": (0.0, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Thresholds of one precision. router_near_tie_gap is not a threshold but the router
+    probability gap under which a routing flip is counted as a near tie."""
+
+    precision: Precision
+    logits_max_abs: float
+    logits_cosine_min: float
+    kl_mean: float
+    top1_agreement: float
+    ppl_rel_delta: float
+    greedy_match_fraction: float
+    router_flip_rate: float
+    router_near_tie_gap: float = 0.01
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.precision, Precision):
+            raise UsageError("tolerances: precision must be a Precision", found=repr(self.precision))
+        for name, (low, high) in RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise UsageError(f"tolerance '{name}' must be a number", found=repr(value))
+            if not low <= value <= high:
+                raise UsageError(f"tolerance '{name}' is out of range",
+                                 expected=f"{low} <= {name} <= {high}", found=repr(value))
+
+    def check(self, name: str, value: float | None) -> Check:
+        """Compare one metric with its threshold; a None or NaN value fails."""
+        bound, threshold = THRESHOLDS[name], getattr(self, name)
+        measured = value is not None and not math.isnan(value)
+        passed = measured and bound.holds(float(value), threshold)
+        return Check(name=name, value=value, threshold=threshold, bound=bound.value,
+                     passed=bool(passed))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["precision"] = self.precision.value
+        return out
+
+
+def field_names() -> list[str]:
+    """The keys a tolerances entry or an override may set."""
+    return list(RANGES)
+
+
+def load_table(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """The raw tolerances table {precision: {field: value}}: the packaged one, or `path`."""
+    if path is None:
+        from importlib.resources import files
+
+        source, text = "tolerances.json", (files("mixbuild.validate") / "tolerances.json").read_text()
+    else:
+        source = str(path)
+        if not Path(path).is_file():
+            raise UsageError(f"tolerances file not found: {path}")
+        try:
+            text = Path(path).read_text()
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{path}: not UTF-8 text", found=str(exc)) from None
+    try:
+        table = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{source}: not valid JSON", found=str(exc)) from None
+    if not isinstance(table, dict):
+        raise UsageError(f"{source}: expected a JSON object keyed by precision",
+                         found=type(table).__name__)
+    return {k: v for k, v in table.items() if not k.startswith("_")}
+
+
+def load_tolerances(precision: str | Precision, overrides: Mapping[str, float] | None = None,
+                    path: str | Path | None = None) -> Tolerances:
+    """The thresholds for `precision` from the packaged table (or the JSON file `path`, same
+    layout), with `overrides` applied, e.g. {"top1_agreement": 0.95}. Unknown keys, unknown
+    precisions and out-of-range values raise UsageError."""
+    precision = Precision.parse(precision)
+    table = load_table(path)
+    source = str(path) if path is not None else "tolerances.json"
+    entry = table.get(precision.value)
+    if not isinstance(entry, dict):
+        raise UsageError(f"{source} has no thresholds for precision '{precision.value}'",
+                         found=", ".join(sorted(table)) or "no precisions")
+    _check_keys(entry, f"{source} [{precision.value}]", required=True)
+    _check_keys(dict(overrides or {}), "tolerance override", required=False)
+    values = {**entry, **{k: _number(k, v) for k, v in (overrides or {}).items()}}
+    return Tolerances(precision=precision, **values)
+
+
+def parse_override(text: str) -> tuple[str, float]:
+    """'top1_agreement=0.95' -> ('top1_agreement', 0.95), checked (for a CLI option)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(f"bad tolerance override '{text}'", expected="NAME=VALUE",
+                         hint=f"names: {', '.join(field_names())}")
+    _check_keys({key: raw}, "tolerance override", required=False)
+    try:
+        return key, float(raw)
+    except ValueError:
+        raise UsageError(f"tolerance override '{key}' is not a number", found=raw.strip()) from None
+
+
+def _check_keys(values: Mapping[str, Any], source: str, required: bool) -> None:
+    known = set(RANGES)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"{source}: unknown tolerance name(s) {', '.join(unknown)}",
+                         expected=", ".join(field_names()), found=", ".join(unknown))
+    missing = sorted(known - set(values) - {"router_near_tie_gap"}) if required else []
+    if missing:
+        raise UsageError(f"{source}: missing tolerance(s) {', '.join(missing)}")
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"tolerance override '{key}' must be a number", found=repr(value))
+    return float(value)
