@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -126,15 +127,18 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
     ckpt.verify()
     spec = ckpt.spec
     torch_dtype = TORCH_DTYPES[export_dtype.value]
-    calibration = None
-    if quant is not None:
-        from mixbuild.quant.calibrate import calibrate
+    with atomic_directory(out, overwrite) as tmp, tempfile.TemporaryDirectory(
+            prefix=f".{out.name}.quant-", dir=out.parent) as work:
+        calibration = store = None
+        if quant is not None:
+            from mixbuild.quant.calibrate import calibrate
+            from mixbuild.quant.quantize import QuantStore
 
-        calibration = calibrate(ckpt, quant, progress=progress)
-    onnx_model = trace(spec, torch_dtype, debug=debug_outputs)
-    quant_info = _apply_weights(onnx_model, ckpt, torch_dtype, quant, calibration)
-    onnx_model.producer_name, onnx_model.producer_version = "mixbuild", __version__
-    with atomic_directory(out, overwrite) as tmp:
+            store = QuantStore(Path(work))
+            calibration = calibrate(ckpt, quant, store, progress=progress)
+        onnx_model = trace(spec, torch_dtype, debug=debug_outputs)
+        quant_info = _apply_weights(onnx_model, ckpt, torch_dtype, quant, calibration, store)
+        onnx_model.producer_name, onnx_model.producer_version = "mixbuild", __version__
         save_model(onnx_model, tmp, progress)
         check_artifact_graph(tmp / ONNX_FILE)
         for f in ckpt.tokenizer_files():
@@ -165,7 +169,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
     return out
 
 
-def _apply_weights(onnx_model, ckpt: Checkpoint, torch_dtype, quant, calibration) -> dict | None:
+def _apply_weights(onnx_model, ckpt: Checkpoint, torch_dtype, quant, calibration,
+                   store) -> dict | None:
     """Attach the weights: plain, or quantized with the MoE body that dequantizes them."""
     spec = ckpt.spec
     if quant is None:
@@ -180,6 +185,6 @@ def _apply_weights(onnx_model, ckpt: Checkpoint, torch_dtype, quant, calibration
     h, i = spec.hidden_size, spec.intermediate_size
     scheme = (FP8Weights(quant.fp8_per_channel, h, i) if quant.precision is Precision.FP8
               else Int4Weights(quant.group_size, h, i))
-    counts = quantize_graph(onnx_model, ckpt, calibration, quant, torch_dtype)
+    counts = quantize_graph(onnx_model, ckpt, calibration, quant, torch_dtype, store)
     attach_functions(onnx_model, spec, scheme)
     return {**quant.to_dict(), **counts, "layers": summary(calibration)}

@@ -1,0 +1,68 @@
+"""Quantization options as one validated, frozen value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from mixbuild.errors import UsageError
+
+
+class Precision(str, Enum):
+    FP8 = "fp8"
+    INT4 = "int4"
+
+
+class Int4Method(str, Enum):
+    AWQ = "awq"
+    RTN = "rtn"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    precision: Precision
+    int4_method: Int4Method = Int4Method.AWQ
+    group_size: int = 128
+    fp8_per_channel: bool = True        # weight scales per output channel (else per tensor)
+    calib_file: Path | None = None
+    calib_tokens: int = 4096            # calibration tokens (sequences of calib_seq_len)
+    calib_seq_len: int = 256
+    awq_grid: int = 20                  # alphas 0, 1/grid, ..., 1
+    gptq: bool = True                   # GPTQ rounding (error feedback) instead of nearest
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.precision, Precision):
+            raise UsageError("unknown precision", expected="fp8 | int4", found=repr(self.precision))
+        if self.group_size <= 0 or self.group_size % 2:
+            raise UsageError("--group-size must be a positive even number", found=str(self.group_size))
+        if self.calib_tokens < self.calib_seq_len or self.calib_seq_len < 8:
+            raise UsageError("calibration needs at least one sequence of >= 8 tokens",
+                             found=f"{self.calib_tokens} tokens in sequences of {self.calib_seq_len}")
+        if self.calib_file is not None and not Path(self.calib_file).is_file():
+            raise UsageError(f"calibration file not found: {self.calib_file}",
+                             hint="pass a UTF-8 text file with --calib, or omit it for the built-in text")
+
+    @classmethod
+    def parse(cls, precision: str, **kwargs) -> "QuantConfig":
+        try:
+            prec = Precision(precision)
+        except ValueError:
+            raise UsageError("unknown precision", expected="fp8 | int4", found=precision) from None
+        if "int4_method" in kwargs and not isinstance(kwargs["int4_method"], Int4Method):
+            try:
+                kwargs["int4_method"] = Int4Method(kwargs["int4_method"])
+            except ValueError:
+                raise UsageError("unknown int4 method", expected="awq | rtn",
+                                 found=str(kwargs["int4_method"])) from None
+        return cls(precision=prec, **kwargs)
+
+    def to_dict(self) -> dict:
+        return {"precision": self.precision.value, "int4_method": self.int4_method.value,
+                "group_size": self.group_size, "fp8_per_channel": self.fp8_per_channel,
+                "calib_file": Path(self.calib_file).name if self.calib_file else None,
+                "calib_tokens": self.calib_tokens, "calib_seq_len": self.calib_seq_len,
+                "rounding": "gptq" if self.gptq else "nearest"}

@@ -1,0 +1,195 @@
+"""Turn a traced float graph into an FP8 or INT4 one, with lazily quantized initializers.
+
+Outside the MoE ops every attention linear `MatMul(x, Transpose(W))` becomes the explicit
+quantization pattern TensorRT expects, with the weight stored pre-transposed [K, N]:
+
+    fp8:  MatMul(DQ(Q(x, s_x), s_x), DQ(W_fp8 [K, N], s_w [N]))      (W8A8, static s_x)
+    int4: MatMul(x, DQ(W_int4 [K, N], s [K/G, N], axis=0, block_size=G))   (W4A16)
+
+The router (gate), embeddings, norms and lm_head stay in the graph's float type. The MoE nodes
+get quantized expert weights and scales as extra inputs (layouts of mixbuild.plugins.formats)
+and a function body that dequantizes as the plugins do. AWQ smoothing scales are folded into
+the weights here, so nothing extra runs at inference.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+
+from mixbuild.exporter.contract import DOMAIN, EXPERTS_OP
+from mixbuild.plugins import formats
+from mixbuild.quant.calibrate import LayerCalibration
+from mixbuild.quant.config import Precision, QuantConfig
+from mixbuild.quant.quantize import QuantStore, SmoothedWeights
+
+_LINEAR = re.compile(r"layers\.(\d+)\.attn\.([qkvo])_proj\.weight")
+_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+ACT_INPUT = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in"}
+
+
+def _linear_layout(q: torch.Tensor, scale: torch.Tensor, fp8: bool):
+    """Stored [N, K] -> the MatMul layout [K, N] (int4: re-packed along N; scales [K/G, N])."""
+    if fp8:
+        return q.T.contiguous(), scale
+    codes = formats.unpack_int4(q).T.contiguous()
+    return formats.pack_int4(codes), scale.T.contiguous()
+
+
+class GraphQuantizer:
+    def __init__(self, onnx_model, ckpt, calibration: list[LayerCalibration], config: QuantConfig,
+                 act_dtype: torch.dtype, store: QuantStore) -> None:
+        self.model, self.graph = onnx_model, onnx_model.graph
+        self.spec, self.config, self.calibration = ckpt.spec, config, calibration
+        self.act_dtype = act_dtype
+        self.weights = SmoothedWeights(ckpt, calibration)
+        self.fp8 = config.precision is Precision.FP8
+        self.store = store
+
+    def _linear(self, name: str, part: int) -> torch.Tensor:
+        return _linear_layout(*self.store.get(name), self.fp8)[part]
+
+    def _experts(self, name: str, part: int) -> torch.Tensor:
+        return self.store.get(name)[part]
+
+    # -------------------------------------------------------------- graph edits
+    def _initializer(self, name: str, loader: Callable[[], torch.Tensor], shape, dtype):
+        import onnx_ir as ir
+
+        from mixbuild.exporter.export import lazy_tensor
+
+        ir_dtype = (ir.DataType.INT4 if dtype == "int4"
+                    else ir.tensor_adapters.from_torch_dtype(dtype))
+        value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(ir_dtype),
+                         const_value=lazy_tensor(loader, dtype, shape, name))
+        self.graph.register_initializer(value)
+        return value
+
+    def _constant(self, name: str, array: torch.Tensor):
+        import onnx_ir as ir
+        from onnx_ir.tensor_adapters import TorchTensor
+
+        value = ir.Value(name=name, shape=ir.Shape(list(array.shape)),
+                         const_value=TorchTensor(array.contiguous(), name=name))
+        value.type = ir.TensorType(value.const_value.dtype)
+        self.graph.register_initializer(value)
+        return value
+
+    def _act_scale(self, name: str, amax: float):
+        return self._constant(name, torch.tensor(max(amax, 1e-8) / formats.FP8_MAX,
+                                                 dtype=self.act_dtype))
+
+    def quantize_linears(self) -> int:
+        import onnx_ir as ir
+
+        count = 0
+        for node in list(self.graph):
+            source = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
+            match = _LINEAR.fullmatch(source.name) if source is not None and source.is_initializer() else None
+            if match is None:
+                continue
+            layer, proj = int(match[1]), match[2]
+            weight_dq = self._weight_dequantize(node, source.name)
+            for user in list(node.outputs[0].consumers()):
+                x = user.inputs[0]
+                if self.fp8:
+                    amax = self.calibration[layer].amax[ACT_INPUT[proj]]
+                    scale = self._act_scale(f"{source.name}.input_scale", amax)
+                    q = ir.node("QuantizeLinear", [x, scale],
+                                {"output_dtype": ir.DataType.FLOAT8E4M3FN.value})
+                    dq = ir.node("DequantizeLinear", [q.outputs[0], scale])
+                    self.graph.insert_before(user, [q, dq])
+                    user.replace_input_with(0, dq.outputs[0])
+                user.replace_input_with(1, weight_dq.outputs[0])
+            self.graph.remove(node, safe=True)
+            del self.graph.initializers[source.name]
+            count += 1
+        return count
+
+    def _weight_dequantize(self, transpose, name: str):
+        import onnx_ir as ir
+
+        n, k = transpose.inputs[0].shape
+        weight = self._initializer(f"{name}.quantized", lambda: self._linear(name, 0), [k, n],
+                                   torch.float8_e4m3fn if self.fp8 else "int4")
+        if self.fp8:
+            shape = [n] if self.config.fp8_per_channel else []
+            scale = self._initializer(f"{name}.scale", lambda: self._linear(name, 1), shape,
+                                      self.act_dtype)
+            attrs = {"axis": 1}
+        else:
+            groups = -(-k // self.config.group_size)
+            scale = self._initializer(f"{name}.scale", lambda: self._linear(name, 1),
+                                      [groups, n], self.act_dtype)
+            attrs = {"axis": 0, "block_size": self.config.group_size}
+        dq = ir.node("DequantizeLinear", [weight, scale], attrs)
+        self.graph.insert_before(transpose, dq)
+        return dq
+
+    def quantize_experts(self) -> int:
+        count = 0
+        for node in self.graph:
+            if node.domain != DOMAIN or node.op_type != EXPERTS_OP:
+                continue
+            layer = int(_LAYER.fullmatch(node.inputs[3].name)[1])
+            self._rewire_experts(node, layer)
+            count += 1
+        return count
+
+    def _rewire_experts(self, node, layer: int) -> None:
+        import onnx_ir as ir
+
+        spec, cfg = self.spec, self.config
+        e, h, i = spec.num_experts, spec.hidden_size, spec.intermediate_size
+        new_inputs = []
+        for index, (n, k) in ((3, (2 * i, h)), (4, (h, i))):
+            name = node.inputs[index].name
+            if self.fp8:
+                weight = self._initializer(f"{name}.quantized", lambda nm=name: self._experts(nm, 0),
+                                           [e, n, k], torch.float8_e4m3fn)
+                scale_shape = [e, n] if cfg.fp8_per_channel else [e]
+            else:
+                weight = self._initializer(f"{name}.quantized", lambda nm=name: self._experts(nm, 0),
+                                           [e, n, k // 2], torch.uint8)
+                scale_shape = [e, n, -(-k // cfg.group_size)]
+            scale = self._initializer(f"{name}.scale", lambda nm=name: self._experts(nm, 1),
+                                      scale_shape, torch.float32 if self.fp8 else torch.float16)
+            old = node.inputs[index]
+            node.replace_input_with(index, weight)
+            del self.graph.initializers[old.name]
+            new_inputs.append(scale)
+        if self.fp8:
+            calib = self.calibration[layer]
+            moe_scale = max(calib.amax["moe_in"], 1e-8) / formats.FP8_MAX
+            down = [max(a, 1e-8) / formats.FP8_MAX for a in calib.down_in_amax]
+            new_inputs += [self._constant(f"layers.{layer}.moe.act_scale_gate_up",
+                                          torch.full((e,), moe_scale)),
+                           self._constant(f"layers.{layer}.moe.act_scale_down", torch.tensor(down))]
+        base = len(node.inputs)
+        node.resize_inputs(base + len(new_inputs))
+        for offset, value in enumerate(new_inputs):
+            node.replace_input_with(base + offset, value)
+        node.attributes["quantization"] = ir.AttrString("quantization", cfg.precision.value)
+        node.attributes["group_size"] = ir.AttrInt64("group_size", 0 if self.fp8 else cfg.group_size)
+
+    def attach_float_weights(self) -> None:
+        """Every remaining empty initializer (norms, router, embeddings, lm_head), smoothed."""
+        from mixbuild.exporter.export import lazy_tensor
+
+        for name, value in self.graph.initializers.items():
+            if value.const_value is None:
+                value.const_value = lazy_tensor(lambda nm=name: self.weights(nm), self.act_dtype,
+                                                value.shape, name)
+
+
+def quantize_graph(onnx_model, ckpt, calibration, config: QuantConfig, act_dtype: torch.dtype,
+                   store: QuantStore) -> dict:
+    q = GraphQuantizer(onnx_model, ckpt, calibration, config, act_dtype, store)
+    linears = q.quantize_linears()
+    experts = q.quantize_experts()
+    q.attach_float_weights()
+    return {"linears": linears, "moe_nodes": experts}
+
+
