@@ -40,7 +40,7 @@ def _generate_sample(console, artifact: Path) -> None:
 
     console.rule("4. generate with ONNX Runtime")
     tokenizer = Tokenizer.from_file(str(artifact / "tokenizer.json"))
-    prompt = "def read_config(path):\n"
+    prompt = "class Parser:\n    def __init__(self"
     runner = OrtRunner(artifact)
     ids = np.array([[runner.spec.bos_token_id or 1] + tokenizer.encode(prompt).ids], np.int64)
     tokens = [int(out["logits"][0, -1].argmax())
