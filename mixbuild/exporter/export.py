@@ -42,18 +42,31 @@ def lazy_tensor(loader: Callable[[], torch.Tensor], dtype: torch.dtype | str, sh
 
     dtype "int4" means the loader returns the packed uint8 bytes of an ONNX INT4 tensor."""
     import onnx_ir as ir
-    from onnx_ir.tensor_adapters import TorchTensor
 
     if dtype == "int4":
         def load_packed():
             return ir.PackedTensor(loader().numpy(), ir.DataType.INT4, shape=shape, name=name)
         return ir.LazyTensor(load_packed, dtype=ir.DataType.INT4, shape=ir.Shape(shape), name=name)
 
-    def load():
-        return TorchTensor(loader().to(dtype).contiguous(), name=name)
+    ir_dtype = ir.tensor_adapters.from_torch_dtype(dtype)
 
-    return ir.LazyTensor(load, dtype=ir.tensor_adapters.from_torch_dtype(dtype),
-                         shape=ir.Shape(shape), name=name)
+    def load():  # a numpy-backed tensor is written with ndarray.tofile: no extra bytes copy
+        return ir.Tensor(as_numpy(loader().to(dtype)), dtype=ir_dtype, name=name)
+
+    return ir.LazyTensor(load, dtype=ir_dtype, shape=ir.Shape(shape), name=name)
+
+
+def as_numpy(t: torch.Tensor):
+    """A numpy view of a CPU tensor, with ml_dtypes for bfloat16 and float8 (no copy)."""
+    import ml_dtypes
+
+    t = t.contiguous()
+    views = {torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
+             torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn)}
+    if t.dtype in views:
+        raw, np_dtype = views[t.dtype]
+        return t.view(raw).numpy().view(np_dtype)
+    return t.numpy()
 
 
 def attach_weights(onnx_model, ckpt: Checkpoint, dtype: torch.dtype) -> int:

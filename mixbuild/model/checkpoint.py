@@ -23,6 +23,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "chat_template.jinja")
 
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+class _LazyTorchDtypes(dict):
+    """safetensors dtype code -> torch dtype, resolved on first use (torch imports lazily)."""
+
+    def __missing__(self, code: str):
+        import torch
+
+        self.update({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16})
+        return self[code]
+
+
+_TORCH_DTYPES = _LazyTorchDtypes()
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -33,6 +46,7 @@ class TensorInfo:
     dtype: str          # safetensors dtype code: F32, F16, BF16
     shape: tuple[int, ...]
     nbytes: int
+    offset: int         # absolute byte offset of the data in the file
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -75,7 +89,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                                   expected=f"{numel * _DTYPE_BYTES[dtype]} bytes for {dtype}{list(shape)}",
                                   found=f"{end - start} bytes", hint="download the file again")
         data_end = max(data_end, end)
-        infos[name] = TensorInfo(name, path, dtype, shape, end - start)
+        infos[name] = TensorInfo(name, path, dtype, shape, end - start, 8 + header_len + start)
     if 8 + header_len + data_end > size:
         raise CheckpointError(f"{path}: file is truncated",
                               expected=f"{8 + header_len + data_end} bytes", found=f"{size} bytes",
@@ -93,7 +107,6 @@ class Checkpoint:
                                   hint="pass a directory holding config.json and *.safetensors")
         self.spec = MixtralSpec.from_file(self.path / "config.json")
         self.tensors = self._index()
-        self._handles: dict[Path, object] = {}
 
     # ------------------------------------------------------------------ index
     def _weight_files(self) -> tuple[list[Path], dict[str, str] | None]:
@@ -176,38 +189,55 @@ class Checkpoint:
 
     # ------------------------------------------------------------------ access
     def tensor(self, name: str):
-        """One tensor as a torch.Tensor (memory-mapped; copied only when converted)."""
-        from safetensors import safe_open
+        """One tensor as a torch.Tensor, read into its own buffer.
+
+        Plain reads (not a memory map) keep the process's resident memory equal to what it
+        really holds: mapped pages of a file read once would count as resident until unmapped.
+        """
+        import torch
 
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"missing tensor '{name}'")
-        handle = self._handles.get(info.file)
-        if handle is None:
-            try:
-                handle = safe_open(str(info.file), framework="pt")
-            except Exception as exc:  # safetensors raises its own error types
-                raise CheckpointError(f"{info.file}: cannot open", found=str(exc)) from None
-            self._handles[info.file] = handle
-        return handle.get_tensor(name)
+        buffer = bytearray(info.nbytes)
+        with info.file.open("rb") as fh:
+            fh.seek(info.offset)
+            if fh.readinto(buffer) != info.nbytes:
+                raise CheckpointError(f"{info.file}: file is truncated while reading '{name}'",
+                                      hint="the file changed after it was opened; fetch it again")
+        if not buffer:
+            return torch.empty(info.shape, dtype=_TORCH_DTYPES[info.dtype])
+        return torch.frombuffer(buffer, dtype=_TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
     def weight(self, role: str, layer: int | None = None, expert: int | None = None):
         if role == "lm_head" and self.spec.tie_word_embeddings:
             role = "embed"
         return self.tensor(tensor_name(role, layer, expert))
 
-    def expert_gate_up(self, layer: int):
-        """The layer's experts' w1 and w3 stacked as mixbuild holds them: [E, 2I, H], w1 rows first."""
+    def _stack(self, shape: tuple[int, ...], parts) -> "torch.Tensor":
+        """Fill one preallocated tensor part by part (no concatenation copies)."""
         import torch
 
-        return torch.stack([torch.cat([self.weight("w1", layer, e), self.weight("w3", layer, e)])
-                            for e in range(self.spec.num_experts)])
+        out = None
+        for index, tensor in parts:
+            if out is None:
+                out = torch.empty(shape, dtype=tensor.dtype)
+            out[index] = tensor
+        return out
+
+    def expert_gate_up(self, layer: int):
+        """The layer's experts' w1 and w3 stacked as mixbuild holds them: [E, 2I, H], w1 rows first."""
+        s = self.spec
+        i = s.intermediate_size
+        parts = ((((e, slice(0, i)) if r == "w1" else (e, slice(i, 2 * i))), self.weight(r, layer, e))
+                 for e in range(s.num_experts) for r in ("w1", "w3"))
+        return self._stack((s.num_experts, 2 * i, s.hidden_size), parts)
 
     def expert_down(self, layer: int):
         """The layer's experts' w2 stacked: [E, H, I]."""
-        import torch
-
-        return torch.stack([self.weight("w2", layer, e) for e in range(self.spec.num_experts)])
+        s = self.spec
+        parts = ((e, self.weight("w2", layer, e)) for e in range(s.num_experts))
+        return self._stack((s.num_experts, s.hidden_size, s.intermediate_size), parts)
 
     @property
     def nbytes(self) -> int:
