@@ -55,18 +55,25 @@ def main(debug: bool) -> None:
               help="Describe config.json alone (no weights needed): spec, parameter counts, sizes.")
 @handles_errors
 def inspect(path: str, as_json: bool, no_values: bool, config_only: bool) -> None:
-    """Describe a checkpoint or artifact directory and check its files.
+    """Describe a checkpoint, artifact or engine directory and check its files.
 
     A checkpoint: spec, parameter counts, sizes, and every tensor's name, shape and values.
     An artifact (has mixbuild.json): verifies every file's sha256, prints the ONNX contract,
-    op counts and sizes.
+    op counts and sizes. An engine (engine.plan + engine.json): verifies the plan, prints the
+    profiles, I/O and layers with the MoE plugin layers marked.
     """
     from pathlib import Path
 
     from mixbuild import inspect as insp
     from mixbuild.exporter.contract import MANIFEST_FILE
 
-    if (Path(path) / MANIFEST_FILE).is_file():
+    from mixbuild.builder.cli import is_engine_dir
+
+    if is_engine_dir(path):
+        from mixbuild.builder.inspect import inspect_engine, render_engine
+
+        report, render = inspect_engine(path), render_engine
+    elif (Path(path) / MANIFEST_FILE).is_file():
         report = insp.inspect_artifact(path)
         render = insp.render_artifact
     elif config_only:
@@ -162,6 +169,39 @@ def validate(artifact: str, reference: str, out: str | None, prompts: str | None
     print_summary(report)
     click.echo(f"report: {report_dir}")
     sys.exit(0 if report.passed else 1)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(file_okay=False, path_type=str))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
+              help="Engine directory to create (engine.plan + engine.json).")
+@click.option("--backend", type=click.Choice(["tensorrt-rtx", "tensorrt"]), default="tensorrt-rtx",
+              show_default=True, help="tensorrt-rtx: ahead of time for --compute-capability, no GPU "
+                                      "needed; tensorrt: for the local GPU.")
+@click.option("--compute-capability", "--cc", "compute_capability", metavar="MAJOR.MINOR",
+              help="Target GPU, e.g. 8.9 (TensorRT-RTX: 7.5 8.0 8.6 8.9 12.0 12.1). Default: the local GPU.")
+@click.option("--moe", type=click.Choice(["plugin", "inline"]), default="plugin", show_default=True,
+              help="plugin: MoE nodes become mixbuild's TensorRT plugins; inline: TensorRT imports "
+                   "their ONNX function bodies.")
+@click.option("--max-batch", type=int, default=1, show_default=True)
+@click.option("--max-seq", type=int, default=256, show_default=True,
+              help="Most new tokens per call (prompt chunk).")
+@click.option("--max-context", type=int, default=1024, show_default=True,
+              help="Most tokens per sequence, past + new.")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+              help="Builder optimisation level (0: fastest build).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=str),
+              help="Timing cache file: loaded if present, saved after the build (TensorRT only).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@handles_errors
+def engine(artifact, out, backend, compute_capability, moe, max_batch, max_seq, max_context,
+           opt_level, timing_cache, overwrite) -> None:
+    """Compile an artifact to a TensorRT / TensorRT-RTX engine (engine.plan + engine.json)."""
+    from mixbuild.builder.cli import engine_command
+
+    engine_command(artifact, out, backend=backend, compute_capability=compute_capability, moe=moe,
+                   max_batch=max_batch, max_seq=max_seq, max_context=max_context,
+                   opt_level=opt_level, timing_cache=timing_cache, overwrite=overwrite, echo=click.echo)
 
 
 @main.command()

@@ -77,3 +77,21 @@ def test_module_entry_point():
 
     out = subprocess.run([sys.executable, "-m", "mixbuild", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "inspect" in out.stdout
+
+
+def test_engine_command_and_inspect(fixture_dir, tmp_path):
+    from mixbuild.exporter.export import export_checkpoint
+
+    artifact = export_checkpoint(fixture_dir, tmp_path / "fp16", dtype="fp16", progress=False)
+    built = run("engine", artifact, "-o", tmp_path / "engine", "--cc", "8.9", "--opt-level", "0",
+                "--max-seq", "16", "--max-context", "64")
+    assert built.exit_code == 0, built.output
+    shown = run("inspect", tmp_path / "engine", "--json")
+    assert shown.exit_code == 0, shown.output
+    report = json.loads(shown.output)
+    layers = report["layers"]
+    assert layers["moe_plugin_layers"] == 6
+    assert sum(1 for layer in layers["items"] if layer["moe_plugin"]) == 6
+    refused = run("engine", artifact, "-o", tmp_path / "inline", "--cc", "8.9", "--moe", "inline")
+    assert refused.exit_code == 2 and "NonZero" in refused.output
+    assert not (tmp_path / "inline").exists()
