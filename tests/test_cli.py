@@ -92,6 +92,10 @@ def test_engine_command_and_inspect(fixture_dir, tmp_path):
     layers = report["layers"]
     assert layers["moe_plugin_layers"] == 6
     assert sum(1 for layer in layers["items"] if layer["moe_plugin"]) == 6
-    refused = run("engine", artifact, "-o", tmp_path / "inline", "--cc", "8.9", "--moe", "inline")
-    assert refused.exit_code == 2 and "NonZero" in refused.output
-    assert not (tmp_path / "inline").exists()
+    inline = run("engine", artifact, "-o", tmp_path / "inline", "--cc", "8.9", "--moe", "inline",
+                 "--opt-level", "0", "--max-seq", "16", "--max-context", "64")
+    assert inline.exit_code == 0, inline.output
+    assert json.loads(run("inspect", tmp_path / "inline", "--json").output)["plugins"] == []
+    refused = run("engine", artifact, "-o", tmp_path / "sm90", "--cc", "9.0")
+    assert refused.exit_code == 2 and "cannot target compute capability 9.0" in refused.output
+    assert not (tmp_path / "sm90").exists()

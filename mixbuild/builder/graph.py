@@ -68,7 +68,25 @@ def prepare(model, mode: MoEMode) -> PreparedGraph:
     else:
         _require_functions(model)
         graph.rewrites += _strip_plugin_attrs(nodes)
+        graph.rewrites += _inline_moe_functions(model)
     return graph
+
+
+def _inline_moe_functions(model) -> list[str]:
+    """Expand the MoE function bodies at each call site, with names made unique per call.
+
+    TensorRT's parser inlines local functions itself but keeps the body's node names, so a body
+    used by every layer produces duplicate layer names, which its DequantizeLinear importer
+    rejects. The weights stay external: inlining touches only the graph's nodes."""
+    import onnx.inliner
+
+    inlined = onnx.inliner.inline_selected_functions(
+        model, [(DOMAIN, op) for op in MOE_OPS], exclude=False)
+    count = len(moe_nodes(model))
+    del model.graph.node[:]
+    model.graph.node.extend(inlined.graph.node)
+    _drop_moe_functions(model)
+    return [f"inlined the MoE function bodies at {count} call sites"]
 
 
 def _attr(node, name: str):

@@ -3,8 +3,8 @@
 Any ONNX runtime without mixbuild's plugins (ONNX Runtime, Polygraphy, a TensorRT parser that
 inlines functions) executes these bodies, so they define the artifact's semantics exactly like
 `mixbuild.model.ops`. The experts body is unrolled over the E experts (E is fixed per model):
-for each expert it gathers only the tokens routed to it (NonZero), runs the SwiGLU GEMMs on
-them and scatter-adds the weighted result, so the work is the chosen experts' only, never a
+for each expert it gathers only the tokens routed to it (a compaction of the routing mask),
+runs the SwiGLU GEMMs on them and scatters the weighted result back, so the work is the chosen experts' only, never a
 dense all-experts product.
 """
 
@@ -91,6 +91,21 @@ class PlainWeights:
         return x
 
 
+def _routed_tokens(b: _Body, hit: str) -> str:
+    """Indices of the tokens with hit == 1, in order: [n]. Built from CumSum + ScatterElements
+    rather than NonZero, which TensorRT-RTX cannot run; every op here has a TensorRT importer."""
+    count = b("ReduceSum", hit, b.const([0]), keepdims=1)                         # [1] = n
+    total = b("Shape", hit)                                                       # [1] = T
+    slot = b("Sub", b("CumSum", hit, b.const(0)), b.const(1))                     # rank among hits
+    target = b("Where", b("Cast", hit, to=TensorProto.BOOL), slot,
+               b("Reshape", total, b.const([])))                                  # misses -> slot T
+    scratch = b("ConstantOfShape", b("Add", total, b.const([1])),
+                value=helper.make_tensor("zero", TensorProto.INT64, [1], [0]))
+    order = b("Range", b.const(0), b("Reshape", total, b.const([])), b.const(1))  # 0..T-1
+    compact = b("ScatterElements", scratch, target, order, axis=0)
+    return b("Slice", compact, b.const([0]), count)
+
+
 def _swiglu(b: _Body, x: str, w_gate_up: str, w_down: str, scheme: PlainWeights, e: int) -> str:
     """x [n, H] -> w_down(silu(gate) * up) [n, H] with gate/up the halves of x @ w_gate_up^T."""
     x = scheme.activation(b, x, "gate_up", e)
@@ -108,24 +123,27 @@ def experts_function(num_experts: int, scheme: PlainWeights | None = None) -> on
     scheme = scheme or PlainWeights()
     b = _Body("x")
     x_all, w_gate_up_all, w_down_all = scheme.prologue(b)
-    acc = b("ConstantOfShape", b("Shape", "hidden"),
-            value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    zeros = b("ConstantOfShape", b("Shape", "hidden"),
+              value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    acc = zeros
     routing = b("Cast", "weights", to=TensorProto.FLOAT)
     for e in range(num_experts):
         chosen = b("Equal", "expert_ids", b.const(e, TensorProto.INT32))               # [T, k]
         coef = b("ReduceSum", b("Mul", b("Cast", chosen, to=TensorProto.FLOAT), routing),
                  b.const([1]), keepdims=0)                                          # [T]
-        hit = b("Cast", b("ReduceMax", b("Cast", chosen, to=TensorProto.INT32), b.const([1]),
-                          keepdims=0), to=TensorProto.BOOL)
-        rows = b("Transpose", b("NonZero", hit), perm=[1, 0])                         # [n, 1]
-        tokens = b("Reshape", rows, b.const([-1]))                                   # [n]
+        hit = b("ReduceMax", b("Cast", chosen, to=TensorProto.INT64), b.const([1]),
+                keepdims=0)                                                         # [T] 0/1
+        tokens = _routed_tokens(b, hit)                                              # [n]
+        rows = b("Unsqueeze", tokens, b.const([1]))                                  # [n, 1]
         index = b.const(e)
         w_gate_up = b("Gather", w_gate_up_all, index, axis=0)
         w_down = b("Gather", w_down_all, index, axis=0)
         y = _swiglu(b, b("Gather", x_all, tokens, axis=0), w_gate_up, w_down, scheme, e)
         scale = b("Unsqueeze", b("Gather", coef, tokens, axis=0), b.const([1]))
-        acc = b("ScatterND", acc, rows, b("Mul", b("Cast", y, to=TensorProto.FLOAT), scale),
-                reduction="add")
+        # each token picks an expert at most once, so a plain scatter into zeros is exact
+        # (TensorRT's parser has no ScatterND reduction)
+        weighted = b("Mul", b("Cast", y, to=TensorProto.FLOAT), scale)
+        acc = b("Add", acc, b("ScatterND", zeros, rows, weighted))
     b.output("CastLike", "out", acc, "hidden")
     inputs = ["hidden", "weights", "expert_ids", "w_gate_up", "w_down", *scheme.extra_inputs]
     attrs = ["activation", "quantization", "group_size", *PLUGIN_ATTRS]

@@ -3,7 +3,8 @@
 The weights are dequantized once at the top of the body (a constant subgraph that runtimes fold
 at load), then each expert's GEMMs run on its gathered tokens like the plain body. FP8 also
 quantizes each GEMM's input activation with its static scale (W8A8); INT4 is weight-only.
-Layouts are those of mixbuild.plugins.formats.
+Layouts are those of mixbuild.plugins.formats; INT4 experts are ONNX INT4 tensors [E, N, K]
+whose bytes are exactly the packed uint8 [E, N, K/2] layout the kernels read.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ class FP8Weights(PlainWeights):
     def _dequantize(self, b: _Body, weight: str, scale: str, k: int) -> str:
         if not self.per_channel:  # scale [E]: per expert
             return b("DequantizeLinear", weight, scale, axis=0)
-        blocked = b("Unsqueeze", scale, b.const([2]))  # [E, N, 1]: one block spans all of K
-        return b("DequantizeLinear", weight, blocked, axis=2, block_size=k)
+        # per output channel, scale [E, N]: dequantize with 1 and multiply, the same product
+        # float(q) * scale; TensorRT-RTX's builder crashes on a blocked FP8 DequantizeLinear
+        values = b("DequantizeLinear", weight, b.const(1.0, TensorProto.FLOAT))
+        return b("Mul", values, b("Unsqueeze", scale, b.const([2])))
 
     def prologue(self, b: _Body) -> tuple[str, str, str]:
         x = b("Cast", "hidden", to=TensorProto.FLOAT)
@@ -42,19 +45,16 @@ class Int4Weights(PlainWeights):
     def __init__(self, group_size: int, hidden: int, intermediate: int) -> None:
         self.group_size, self.hidden, self.intermediate = group_size, hidden, intermediate
 
-    def _dequantize(self, b: _Body, packed: str, scale: str, k: int) -> str:
-        """uint8 [E, N, K/2] (low nibble = even k, two's complement) * scale [E, N, K/G]."""
-        low = b("Cast", b("BitwiseAnd", packed, b.const(15, TensorProto.UINT8)), to=TensorProto.INT32)
-        high = b("Cast", b("BitShift", packed, b.const(4, TensorProto.UINT8), direction="RIGHT"),
-                 to=TensorProto.INT32)
-        last = b.const([-1])
-        pairs = b("Concat", b("Unsqueeze", low, last), b("Unsqueeze", high, last), axis=-1)
-        nibbles = b("Reshape", pairs, b.const([0, 0, k]))                         # [E, N, K]
-        signed = b("Where", b("GreaterOrEqual", nibbles, b.const(8, TensorProto.INT32)),
-                   b("Sub", nibbles, b.const(16, TensorProto.INT32)), nibbles)
+    def _dequantize(self, b: _Body, weight: str, scale: str, k: int) -> str:
+        """INT4 [E, N, K] (packed two per byte, low nibble first) * scale [E, N, K/G]: a blocked
+        DequantizeLinear along K, as TensorRT and ONNX Runtime implement it."""
+        # float(q) * scale[k // G] in float32, as the kernels compute it: dequantize with 1, then
+        # multiply by the group scales expanded along K (TensorRT-RTX imports no 3-D blocked
+        # INT4 DequantizeLinear without a GPU)
+        values = b("DequantizeLinear", weight, b.const(1.0, TensorProto.FLOAT))
         groups = b.const([j // self.group_size for j in range(k)])                  # k -> group
         full_scale = b("Gather", b("Cast", scale, to=TensorProto.FLOAT), groups, axis=2)
-        return b("Mul", b("Cast", signed, to=TensorProto.FLOAT), full_scale)
+        return b("Mul", values, full_scale)
 
     def prologue(self, b: _Body) -> tuple[str, str, str]:
         x = b("Cast", "hidden", to=TensorProto.FLOAT)

@@ -150,9 +150,9 @@ class GraphQuantizer:
                 weight = self._initializer(f"{name}.quantized", lambda nm=name: self._experts(nm, 0),
                                            [e, n, k], torch.float8_e4m3fn)
                 scale_shape = [e, n] if cfg.fp8_per_channel else [e]
-            else:
+            else:  # the packed bytes are those of an ONNX INT4 [E, N, K] tensor
                 weight = self._initializer(f"{name}.quantized", lambda nm=name: self._experts(nm, 0),
-                                           [e, n, k // 2], torch.uint8)
+                                           [e, n, k], "int4")
                 scale_shape = [e, n, -(-k // cfg.group_size)]
             scale = self._initializer(f"{name}.scale", lambda nm=name: self._experts(nm, 1),
                                       scale_shape, torch.float32 if self.fp8 else torch.float16)

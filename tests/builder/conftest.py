@@ -83,6 +83,21 @@ def engines(trt, artifacts, tmp_path_factory) -> dict[str, Path]:
     return built
 
 
+@pytest.fixture(scope="session")
+def inline_engines(trt, artifacts, tmp_path_factory) -> dict[str, Path]:
+    """One --moe inline engine per precision: TensorRT imports the MoE function bodies."""
+    from mixbuild.builder.build import build_engine
+
+    root = tmp_path_factory.mktemp("inline")
+    built = {}
+    for name in PRECISIONS:
+        built[name] = build_engine(artifacts[name], root / name, backend="tensorrt-rtx",
+                                   compute_capability=TARGET, moe="inline", opt_level=0,
+                                   progress=False, **LIMITS)
+        BUILD_TIMES[f"{name} --moe inline"] = manifest(built[name])["build"]["wall_s"]
+    return built
+
+
 def manifest(engine_dir: Path) -> dict:
     return json.loads((engine_dir / "engine.json").read_text())
 

@@ -22,19 +22,6 @@ def refused(artifact, out, match, error=UsageError, **kwargs):
     return str(info.value)
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int4", "fp8"])
-def test_inline_moe_is_refused_on_tensorrt_rtx(trt, artifacts, tmp_path, precision):
-    """TensorRT-RTX cannot import the MoE function bodies: they gather the routed tokens with
-    NonZero, which TensorRT-RTX implements only as a plugin it does not ship; the int4 body
-    also unpacks nibbles with BitShift / BitwiseAnd, which no TensorRT parser imports."""
-    message = refused(artifacts[precision], tmp_path / "engine", "cannot build this artifact "
-                      "with --moe inline", moe="inline")
-    assert "NonZero: TensorRT-RTX has no NonZero implementation" in message
-    assert "NVIDIA/TensorRT-RTX#36" in message and "in the MoEExperts function body" in message
-    assert "use --moe plugin" in message
-    assert ("BitShift" in message and "BitwiseAnd" in message) == (precision == "int4")
-
-
 @pytest.mark.parametrize("cc", ["8.6", "8.0", "7.5"])
 def test_fp8_below_sm89_is_refused(trt, artifacts, tmp_path, cc):
     message = refused(artifacts["fp8"], tmp_path / "engine", "the fp8 artifact cannot run on "

@@ -60,7 +60,7 @@ def test_quantized_graphs_and_layouts(quantized):
             assert q.data_type == onnx.TensorProto.FLOAT8E4M3FN
             assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == 4 * spec["num_layers"]
         else:
-            assert gate_up.data_type == onnx.TensorProto.UINT8 and list(gate_up.dims) == [e, 2 * i, h // 2]
+            assert gate_up.data_type == onnx.TensorProto.INT4 and list(gate_up.dims) == [e, 2 * i, h]
             assert q.data_type == onnx.TensorProto.INT4 and list(q.dims) == [h, spec["num_heads"] * spec["head_dim"]]
             dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
             assert all(onnx.helper.get_attribute_value(a) == 128 for n in dq for a in n.attribute
@@ -166,15 +166,17 @@ def test_quantized_moe_body_matches_formats_reference():
     dq_, ds = formats.quantize_int4(w_down, 32)
     expected = formats.experts_reference_quant(x, weights, ids, gq, dq_, scheme="int4", w_gate_up_scale=gs,
                                                w_down_scale=ds, group_size=32)
-    feeds = {"x": x.numpy(), "w": weights.numpy(), "ids": ids.numpy(), "gq": gq.numpy(),
-             "gs": gs.numpy(), "dq": dq_.numpy(), "ds": ds.numpy()}
+    feeds = {"x": x.numpy(), "w": weights.numpy(), "ids": ids.numpy()}
+    kinds = {"x": TP.FLOAT, "w": TP.FLOAT, "ids": TP.INT32}
+    packed = [helper.make_tensor(n, TP.INT4, [e, *v.shape[1:-1], 2 * v.shape[-1]], v.numpy().tobytes(),
+                                 raw=True) for n, v in (("gq", gq), ("dq", dq_))]
+    scales = [numpy_helper.from_array(v.numpy(), n) for n, v in (("gs", gs), ("ds", ds))]
     node = helper.make_node("MoEExperts", ["x", "w", "ids", "gq", "dq", "gs", "ds"], ["y"],
                             domain="mixbuild", quantization="int4", group_size=32)
-    kinds = {"x": TP.FLOAT, "w": TP.FLOAT, "ids": TP.INT32, "gq": TP.UINT8, "dq": TP.UINT8,
-             "gs": TP.FLOAT16, "ds": TP.FLOAT16}
     inputs = [helper.make_tensor_value_info(n, kinds[n], list(a.shape)) for n, a in feeds.items()]
     model = helper.make_model(
-        helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TP.FLOAT, [t, h])]),
+        helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TP.FLOAT, [t, h])],
+                          packed + scales),
         opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("mixbuild", 1)],
         functions=[experts_function(e, Int4Weights(32, h, i))])
     got = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
