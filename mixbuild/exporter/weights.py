@@ -18,7 +18,7 @@ from mixbuild.exporter.artifact import Artifact
 
 SMOOTHING_FILE = "smoothing.safetensors"
 
-_NUMPY = {1: np.float32, 10: np.float16, 2: np.uint8, 17: np.uint8, 16: np.uint16}
+_NUMPY = {1: np.float32, 10: np.float16, 2: np.uint8, 17: np.uint8, 16: np.uint16, 22: np.uint8}
 
 
 class ArtifactWeights:
@@ -52,9 +52,12 @@ class ArtifactWeights:
         data = np.memmap(self.artifact.path / info["location"], dtype=np.uint8, mode="r",
                          offset=int(info.get("offset", 0)), shape=(int(info["length"]),))
         array = np.array(data).view(dtype)
+        dims = list(tensor.dims)
         if tensor.data_type == 16:  # bfloat16 -> float32
             array = (array.astype(np.uint32) << 16).view(np.float32)
-        return array.reshape(tuple(tensor.dims))
+        if tensor.data_type == onnx.TensorProto.INT4:  # packed: two values per byte along K
+            dims[-1] //= 2
+        return array.reshape(tuple(dims))
 
     def experts(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(w_gate_up [E, 2I, H], w_down [E, H, I]) float32, as the model computes with them."""
