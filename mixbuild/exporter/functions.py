@@ -2,10 +2,11 @@
 
 Any ONNX runtime without mixbuild's plugins (ONNX Runtime, Polygraphy, a TensorRT parser that
 inlines functions) executes these bodies, so they define the artifact's semantics exactly like
-`mixbuild.model.ops`. The experts body is unrolled over the E experts (E is fixed per model):
-for each expert it gathers only the tokens routed to it (a compaction of the routing mask),
-runs the SwiGLU GEMMs on them and scatters the weighted result back, so the work is the chosen experts' only, never a
-dense all-experts product.
+`mixbuild.model.ops`. The experts body sorts the routing slots by expert once, then is
+unrolled over the E experts (E is fixed per model): each runs its SwiGLU GEMMs on its own
+slice of the gathered token rows, so the work is the chosen experts' only, never a dense
+all-experts product, and the node count per expert stays small (on CPU, ONNX Runtime's
+per-node cost is what bounds small-batch decode).
 """
 
 from __future__ import annotations
@@ -91,19 +92,29 @@ class PlainWeights:
         return x
 
 
-def _routed_tokens(b: _Body, hit: str) -> str:
-    """Indices of the tokens with hit == 1, in order: [n]. Built from CumSum + ScatterElements
-    rather than NonZero, which TensorRT-RTX cannot run; every op here has a TensorRT importer."""
-    count = b("ReduceSum", hit, b.const([0]), keepdims=1)                         # [1] = n
-    total = b("Shape", hit)                                                       # [1] = T
-    slot = b("Sub", b("CumSum", hit, b.const(0)), b.const(1))                     # rank among hits
-    target = b("Where", b("Cast", hit, to=TensorProto.BOOL), slot,
-               b("Reshape", total, b.const([])))                                  # misses -> slot T
-    scratch = b("ConstantOfShape", b("Add", total, b.const([1])),
-                value=helper.make_tensor("zero", TensorProto.INT64, [1], [0]))
-    order = b("Range", b.const(0), b("Reshape", total, b.const([])), b.const(1))  # 0..T-1
-    compact = b("ScatterElements", scratch, target, order, axis=0)
-    return b("Slice", compact, b.const([0]), count)
+def _group_by_expert(b: _Body, num_experts: int) -> tuple[str, str, list[str]]:
+    """Sort the T*k routing slots by expert, without NonZero (TensorRT-RTX cannot run it) or
+    any reduction scatter (TensorRT's parser has none): every op here has a TensorRT importer.
+
+    Returns (order, dest, bounds): order [S] lists the slots grouped by expert (slot order
+    within an expert), dest [S] is its inverse (where slot s sits in `order`), and bounds[e],
+    bounds[e + 1] ([1] each) delimit expert e's run in `order`.
+    """
+    ids = b("Cast", b("Reshape", "expert_ids", b.const([-1])), to=TensorProto.INT64)      # [S]
+    onehot = b("Cast", b("Equal", b("Unsqueeze", ids, b.const([1])),
+                         b.const(list(range(num_experts)))), to=TensorProto.INT64)        # [S, E]
+    seen = b("CumSum", onehot, b.const(0))                       # [S, E] inclusive per expert
+    rank = b("Sub", b("Reshape", b("GatherElements", seen, b("Unsqueeze", ids, b.const([1])),
+                                   axis=1), b.const([-1])), b.const(1))  # rank within expert
+    counts = b("ReduceSum", onehot, b.const([0]), keepdims=0)                             # [E]
+    bounds = b("Concat", b.const([0]), b("CumSum", counts, b.const(0)), axis=0)          # [E+1]
+    dest = b("Add", b("Gather", bounds, ids, axis=0), rank)                               # [S]
+    size = b("Shape", ids)
+    order = b("ScatterElements", b("ConstantOfShape", size, value=helper.make_tensor(
+        "zero", TensorProto.INT64, [1], [0])), dest,
+        b("Range", b.const(0), b("Reshape", size, b.const([])), b.const(1)), axis=0)
+    parts = b("Split", bounds, outputs=num_experts + 1, axis=0, num_outputs=num_experts + 1)
+    return order, dest, parts
 
 
 def _swiglu(b: _Body, x: str, w_gate_up: str, w_down: str, scheme: PlainWeights, e: int) -> str:
@@ -119,31 +130,30 @@ def experts_function(num_experts: int, scheme: PlainWeights | None = None) -> on
     """MoEExperts(hidden [T, H], weights [T, k], expert_ids [T, k], w_gate_up, w_down, ...) -> [T, H].
 
     `scheme` decides how the body reads the weights (plain, or dequantized from fp8 / int4).
+    The T*k routing slots are grouped by expert once; each expert runs its SwiGLU GEMMs on its
+    own contiguous run of gathered token rows (a Slice: an expert nobody chose costs an empty
+    GEMM); the results are weighted, put back in slot order with one Gather and summed over
+    the k slots of each token in float32, as the kernels combine them.
     """
     scheme = scheme or PlainWeights()
     b = _Body("x")
     x_all, w_gate_up_all, w_down_all = scheme.prologue(b)
-    zeros = b("ConstantOfShape", b("Shape", "hidden"),
-              value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-    acc = zeros
-    routing = b("Cast", "weights", to=TensorProto.FLOAT)
+    order, dest, bounds = _group_by_expert(b, num_experts)
+    k = b("Slice", b("Shape", "expert_ids"), b.const([1]), b.const([2]))                  # [1]
+    x_sorted = b("Gather", x_all, b("Div", order, k), axis=0)                          # [S, H]
+    outputs = []
     for e in range(num_experts):
-        chosen = b("Equal", "expert_ids", b.const(e, TensorProto.INT32))               # [T, k]
-        coef = b("ReduceSum", b("Mul", b("Cast", chosen, to=TensorProto.FLOAT), routing),
-                 b.const([1]), keepdims=0)                                          # [T]
-        hit = b("ReduceMax", b("Cast", chosen, to=TensorProto.INT64), b.const([1]),
-                keepdims=0)                                                         # [T] 0/1
-        tokens = _routed_tokens(b, hit)                                              # [n]
-        rows = b("Unsqueeze", tokens, b.const([1]))                                  # [n, 1]
+        x = b("Slice", x_sorted, bounds[e], bounds[e + 1], b.const([0]))               # [n, H]
         index = b.const(e)
         w_gate_up = b("Gather", w_gate_up_all, index, axis=0)
         w_down = b("Gather", w_down_all, index, axis=0)
-        y = _swiglu(b, b("Gather", x_all, tokens, axis=0), w_gate_up, w_down, scheme, e)
-        scale = b("Unsqueeze", b("Gather", coef, tokens, axis=0), b.const([1]))
-        # each token picks an expert at most once, so a plain scatter into zeros is exact
-        # (TensorRT's parser has no ScatterND reduction)
-        weighted = b("Mul", b("Cast", y, to=TensorProto.FLOAT), scale)
-        acc = b("Add", acc, b("ScatterND", zeros, rows, weighted))
+        outputs.append(b("Cast", _swiglu(b, x, w_gate_up, w_down, scheme, e), to=TensorProto.FLOAT))
+    routing = b("Gather", b("Cast", b("Reshape", "weights", b.const([-1])), to=TensorProto.FLOAT),
+                order, axis=0)                                                          # [S]
+    y = b("Mul", b("Concat", *outputs, axis=0), b("Unsqueeze", routing, b.const([1])))  # [S, H]
+    per_slot = b("Gather", y, dest, axis=0)                                  # slot order [S, H]
+    shape = b("Concat", b("Shape", "expert_ids"), b.const([-1]), axis=0)             # [T, k, H]
+    acc = b("ReduceSum", b("Reshape", per_slot, shape), b.const([1]), keepdims=0)
     b.output("CastLike", "out", acc, "hidden")
     inputs = ["hidden", "weights", "expert_ids", "w_gate_up", "w_down", *scheme.extra_inputs]
     attrs = ["activation", "quantization", "group_size", *PLUGIN_ATTRS]
