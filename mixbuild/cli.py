@@ -205,6 +205,38 @@ def engine(artifact, out, backend, compute_capability, moe, max_batch, max_seq, 
 
 
 @main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--prompt", required=True, help="The prompt text (a user message with --chat).")
+@click.option("--backend", type=click.Choice(["auto", "ort", "torch", "trt"]), default="auto",
+              show_default=True, help="auto picks from the directory: artifact -> ort, "
+              "checkpoint -> torch, engine -> trt.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--stream", is_flag=True, help="Print text as tokens arrive.")
+@click.option("--chat", is_flag=True, help="Render the prompt through the tokenizer's chat template.")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads (default: the backend's).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1),
+              help="Tokens to generate (default: generation_config.json, else 64).")
+@click.option("--temperature", type=click.FloatRange(min=0), help="0 is greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), help="Keep the k most likely tokens (0: off).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), help="Nucleus mass (1: off).")
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True))
+@click.option("--seed", type=click.IntRange(min=0), help="Make sampling reproducible.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable); cut from the output.")
+@click.option("--stop-token-id", "stop_token_ids", type=click.IntRange(min=0), multiple=True,
+              help="Stop token id (repeatable).")
+@click.option("--ignore-eos", is_flag=True, default=None, help="Keep going past end-of-sequence.")
+@handles_errors
+def run(model_dir: str, prompt: str, backend: str, device: str, stream: bool, chat: bool,
+        threads: int | None, **sampling) -> None:
+    """Generate text from an artifact, checkpoint or engine directory; prints time to first
+    token and tokens/s at the end. Sampling flags default to the model's generation_config.json."""
+    from mixbuild.runtime.cli import cli_run
+
+    cli_run(model_dir, prompt, backend=backend, device=device, stream=stream, chat=chat,
+            threads=threads, echo=click.echo, **sampling)
+
+
+@main.command()
 @click.option("-o", "--output", "out", default="demo-out", show_default=True,
               type=click.Path(path_type=str), help="Where the demo writes its artifacts.")
 @handles_errors

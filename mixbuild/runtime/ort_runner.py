@@ -16,7 +16,11 @@ class OrtRunner:
     name = "ort"
 
     def __init__(self, artifact: str | Path | Artifact, providers: list[str] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, spinning: bool | None = None) -> None:
+        """threads: intra-op threads (None: ONNX Runtime's default, one per physical core).
+        spinning: whether idle intra-op threads busy-wait for work (None: ONNX Runtime's
+        default, on); off is much faster when other thread pools (torch, a second session,
+        other processes) share the cores."""
         import onnxruntime as ort
 
         self.artifact = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
@@ -25,6 +29,8 @@ class OrtRunner:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        if spinning is not None:
+            options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
         try:
             self.session = ort.InferenceSession(str(self.artifact.onnx_path), options,
                                                 providers=providers or ["CPUExecutionProvider"])

@@ -5,33 +5,49 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mixbuild.model.reference import MixtralModel
+from mixbuild.model.reference import TORCH_DTYPES, MixtralModel
 from mixbuild.runtime.runner import debug_output_names, input_names, output_names
 
 
 class TorchRunner:
+    """Feeds and outputs are host numpy arrays; on a GPU the model runs on its device (its MoE
+    through the Triton kernels unless MIXBUILD_DISABLE_TRITON=1) and the arrays are copied in
+    and out each call. The GPU path is written but unverified: no GPU was available to test it."""
+
     name = "torch"
 
     def __init__(self, model: MixtralModel) -> None:
         self.model = model
         self.spec = model.spec
+        self.device = model.lm_head.weight.device
         self._inputs = input_names(self.spec)
         self._outputs = output_names(self.spec) + (debug_output_names(self.spec) if model.debug else [])
 
     @classmethod
-    def from_checkpoint(cls, path, dtype=torch.float32, debug: bool = False) -> "TorchRunner":
-        return cls(MixtralModel.from_checkpoint(path, dtype=dtype, debug=debug))
+    def from_checkpoint(cls, path, dtype: torch.dtype | None = torch.float32, debug: bool = False,
+                        device: str = "cpu") -> "TorchRunner":
+        """dtype None keeps the checkpoint's own dtype."""
+        if str(device).startswith("cuda"):
+            from mixbuild.plugins.dispatch import register_cuda_kernels
+
+            register_cuda_kernels()  # the MoE custom ops run mixbuild's Triton kernels on CUDA
+        if dtype is None:
+            from mixbuild.model.checkpoint import Checkpoint
+
+            dtype = TORCH_DTYPES[Checkpoint(path).spec.dtype.value]
+        return cls(MixtralModel.from_checkpoint(path, dtype=dtype, device=device, debug=debug))
 
     @torch.inference_mode()
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         dtype = self.model.lm_head.weight.dtype
         args = []
         for name in self._inputs:
-            t = torch.from_numpy(np.ascontiguousarray(feeds[name]))
+            t = torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device)
             args.append(t.to(dtype) if name.startswith("past_") else t)
         outs = self.model(*args)
         return {n: _to_numpy(t) for n, t in zip(self._outputs, outs)}
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
     return (t.float() if t.dtype == torch.bfloat16 else t).numpy()

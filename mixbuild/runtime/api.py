@@ -1,0 +1,372 @@
+"""The embeddable runtime: `load` a model directory, then `generate`, `stream` or `chat`.
+
+    model = mixbuild.runtime.load("artifacts/tiny-fp32")          # backend="auto"
+    for r in model.generate(["def add(a, b):", "import os\n"], max_new_tokens=32):
+        print(r.text, r.finish_reason, f"{r.timings.decode_tokens_per_s:.0f} tok/s")
+
+One loaded model serves concurrent calls from several threads: every call has its own
+requests, KV cache (borrowed from a pool, so memory is reused across calls) and ONNX Runtime
+binding; ONNX Runtime sessions and torch inference are safe to run concurrently, and the
+TensorRT runner serializes on its execution context. A seeded request gives the same tokens
+whatever runs beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from mixbuild.errors import ArtifactError, MissingDependencyError, UsageError
+from mixbuild.model.spec import MixtralSpec
+from mixbuild.runtime.generate import Request, Result, run_batch
+from mixbuild.runtime.sampling import GenerationDefaults, SamplingParams
+from mixbuild.runtime.tokenizer import Tokenizer
+
+MANIFEST = "mixbuild.json"
+ENGINE_FILES = ("engine.plan", "engine.json")
+
+
+class Backend(str, Enum):
+    AUTO = "auto"
+    ORT = "ort"
+    TORCH = "torch"
+    TRT = "trt"
+
+
+class Device(str, Enum):
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+# What each backend opens, for detection and for error messages.
+_OPENS = {Backend.ORT: "an ONNX artifact directory (mixbuild.json + model.onnx)",
+          Backend.TORCH: "a Hugging Face checkpoint directory (config.json + *.safetensors)",
+          Backend.TRT: "a TensorRT engine directory (engine.plan + engine.json)"}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    backend: Backend = Backend.AUTO
+    device: Device = Device.CPU
+    max_batch: int = 8
+    max_seq: int | None = None
+    threads: int | None = None
+    io_binding: bool = False
+    spinning: bool = True
+
+    @classmethod
+    def parse(cls, backend: str, device: str, **rest) -> "LoadOptions":
+        return cls(_enum(Backend, backend, "backend"), _enum(Device, device, "device"), **rest)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("max_batch", "max_seq", "threads"):
+            value = getattr(self, name)
+            if name != "max_batch" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"invalid load option '{name}'", expected="an integer >= 1",
+                                 found=repr(value))
+        if self.backend is Backend.TRT and self.device is Device.CPU:
+            raise UsageError("the trt backend runs TensorRT engines on a CUDA GPU",
+                             found="device='cpu'", hint="pass device='cuda'")
+
+
+def _enum(kind, value, what: str):
+    try:
+        return kind(value.value if isinstance(value, Enum) else value)
+    except ValueError:
+        raise UsageError(f"unknown {what} '{value}'", expected=", ".join(m.value for m in kind),
+                         found=repr(value)) from None
+
+
+def detect_backend(path: Path) -> Backend:
+    """Which backend opens `path`, from the files it holds."""
+    if not path.is_dir():
+        raise ArtifactError(f"model directory not found: {path}",
+                            expected=" or ".join(_OPENS.values()))
+    if (path / MANIFEST).is_file():
+        return Backend.ORT
+    if all((path / f).is_file() for f in ENGINE_FILES):
+        return Backend.TRT
+    if (path / "config.json").is_file():
+        return Backend.TORCH
+    raise ArtifactError(f"{path} is not a model directory mixbuild can run",
+                        expected=" or ".join(_OPENS.values()),
+                        found=", ".join(sorted(p.name for p in path.iterdir())[:8]) or "an empty directory")
+
+
+def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch: int = 8,
+         max_seq: int | None = None, threads: int | None = None, io_binding: bool = False,
+         spinning: bool = True) -> "Model":
+    """Open a model directory for generation.
+
+    backend: "ort" (artifact dir), "torch" (checkpoint dir), "trt" (engine dir) or "auto"
+    (picked from what the directory holds). max_batch bounds how many prompts run together;
+    max_seq caps prompt + generated tokens (default: the model's max_position_embeddings).
+    threads sets the intra-op threads of ONNX Runtime / torch. io_binding=True makes the ort
+    backend (CPU) bind its KV cache to preallocated ping-pong buffers (`BoundOrtStep`); the
+    default feeds ONNX Runtime's own present outputs back as past (`FeedStep`), which measured
+    as fast or faster on CPU (see mixbuild/runtime/steps.py). spinning (ONNX Runtime's default,
+    on) lets its idle threads busy-wait: ~1.5x faster decode of the small fixture on 2 idle cores,
+    but ~1.7x slower when other processes or thread pools (torch in the same process) compete
+    for the cores; pass spinning=False on shared hosts.
+    """
+    options = LoadOptions.parse(backend, device, max_batch=max_batch, max_seq=max_seq,
+                                threads=threads, io_binding=io_binding, spinning=spinning)
+    path = Path(path)
+    found = detect_backend(path)
+    chosen = found if options.backend is Backend.AUTO else options.backend
+    if chosen is not found:
+        raise UsageError(f"backend '{chosen.value}' opens {_OPENS[chosen]}",
+                         found=f"{path} is {_OPENS[found]}",
+                         hint=f"use backend='{found.value}' or 'auto'")
+    step, spec = _OPENERS[chosen](path, options)
+    defaults = GenerationDefaults.read(path, spec.eos_token_id)
+    return Model(step, spec, Tokenizer.from_dir(path), defaults, options, chosen.value)
+
+
+def _open_ort(path: Path, options: LoadOptions):
+    from mixbuild.runtime.ort_runner import OrtRunner
+    from mixbuild.runtime.steps import BoundOrtStep, FeedStep
+
+    runner = OrtRunner(path, providers=_ort_providers(options.device), threads=options.threads,
+                       spinning=options.spinning)
+    if options.io_binding and options.device is Device.CPU:
+        return BoundOrtStep(runner), runner.spec
+    return FeedStep(runner, runner.kv_dtype), runner.spec
+
+
+def _ort_providers(device: Device) -> list[str]:
+    if device is Device.CPU:
+        return ["CPUExecutionProvider"]
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise MissingDependencyError("onnxruntime-gpu", "gpu", "the ort backend on device='cuda'")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _need_cuda(options: LoadOptions, backend: str) -> None:
+    import torch
+
+    if options.device is Device.CUDA and not torch.cuda.is_available():
+        raise UsageError(f"device='cuda' was asked for the {backend} backend, but torch sees no "
+                         "CUDA GPU", hint="pass device='cpu' (ort or torch backends)")
+
+
+def _open_torch(path: Path, options: LoadOptions):
+    import torch
+
+    from mixbuild.runtime.steps import FeedStep
+    from mixbuild.runtime.torch_runner import TorchRunner
+
+    _need_cuda(options, "torch")
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    dtype = torch.float32 if options.device is Device.CPU else None
+    runner = TorchRunner.from_checkpoint(path, dtype=dtype, device=options.device.value)
+    return FeedStep(runner), runner.spec
+
+
+def _open_trt(path: Path, options: LoadOptions):
+    from mixbuild.runtime.steps import FeedStep
+    from mixbuild.runtime.trt_runner import TrtRunner
+
+    runner = TrtRunner(path)  # checks the manifest and the TensorRT import first
+    return FeedStep(runner, runner.kv_dtype), runner.spec
+
+
+_OPENERS = {Backend.ORT: _open_ort, Backend.TORCH: _open_torch, Backend.TRT: _open_trt}
+
+
+class _CachePool:
+    """KV caches reused across calls; concurrent calls each borrow their own."""
+
+    def __init__(self, factory) -> None:
+        self.factory = factory
+        self.free: list = []
+        self.lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def borrow(self):
+        with self.lock:
+            cache = self.free.pop() if self.free else self.factory()
+        try:
+            yield cache
+        finally:
+            with self.lock:
+                self.free.append(cache)
+
+
+class Model:
+    """A loaded model: text and token-id generation, streaming, chat."""
+
+    def __init__(self, step, spec: MixtralSpec, tokenizer: Tokenizer | None,
+                 defaults: GenerationDefaults | None = None, options: LoadOptions | None = None,
+                 backend: str = "custom") -> None:
+        self.step = step
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.defaults = defaults or GenerationDefaults(eos_token_ids=_eos(spec.eos_token_id))
+        self.options = options or LoadOptions()
+        self.backend = backend
+        self.caches = _CachePool(step.new_cache)
+
+    @classmethod
+    def from_runner(cls, runner, tokenizer: Tokenizer | None = None,
+                    defaults: GenerationDefaults | None = None, max_batch: int = 8,
+                    max_seq: int | None = None) -> "Model":
+        """Generation over any object with the Runner contract (`spec`, `infer(feeds)`)."""
+        from mixbuild.runtime.steps import FeedStep
+
+        options = LoadOptions(max_batch=max_batch, max_seq=max_seq)
+        return cls(FeedStep(runner), runner.spec, tokenizer, defaults, options,
+                   getattr(runner, "name", "custom"))
+
+    @property
+    def context_limit(self) -> int:
+        limit = self.spec.max_position_embeddings
+        return min(limit, self.options.max_seq) if self.options.max_seq else limit
+
+    def sampling(self, sampling: SamplingParams | None = None, **overrides) -> SamplingParams:
+        """The sampling a call uses: `sampling` (a whole SamplingParams) or else the artifact's
+        defaults (generation_config.json), with keyword overrides applied on top."""
+        base = sampling if sampling is not None else self.defaults.sampling
+        return base.replace(**overrides) if overrides else base
+
+    # ----------------------------------------------------------------- text in, text out
+    def generate(self, prompts: str | Sequence[str], sampling=None, **overrides) -> list[Result]:
+        """Generate for one prompt or a list; returns one Result per prompt, in order."""
+        return self.generate_ids(self._encode_all(prompts), sampling, **overrides)
+
+    def stream(self, prompt: str, sampling: SamplingParams | None = None, **overrides) -> "TextStream":
+        """Iterate over text pieces as tokens arrive; `.result` holds the Result afterwards."""
+        return self.stream_ids(self._encode_all([prompt])[0], sampling, **overrides)
+
+    def chat(self, messages: list[dict[str, str]], sampling=None, **overrides) -> Result:
+        """Answer a conversation rendered with the tokenizer's chat template."""
+        return self.generate_ids([self._need_tokenizer().encode_chat(messages)], sampling,
+                                 **overrides)[0]
+
+    def stream_chat(self, messages: list[dict[str, str]], sampling=None, **overrides) -> "TextStream":
+        return self.stream_ids(self._need_tokenizer().encode_chat(messages), sampling, **overrides)
+
+    # ----------------------------------------------------------------- token ids
+    def generate_ids(self, prompts: Sequence[Sequence[int]], sampling=None,
+                     **overrides) -> list[Result]:
+        """`sampling` is one SamplingParams for every prompt or a list with one per prompt."""
+        requests = self._requests(prompts, sampling, overrides)
+        for _ in self._events(requests):
+            pass
+        return [r.result() for r in requests]
+
+    def stream_ids(self, prompt: Sequence[int], sampling=None, **overrides) -> "TextStream":
+        requests = self._requests([prompt], sampling, overrides)
+        return TextStream(self._events(requests), requests[0])
+
+    # ----------------------------------------------------------------- internals
+    def _events(self, requests: list[Request]) -> Iterator[tuple[int, str]]:
+        size = self.options.max_batch
+        with self.caches.borrow() as cache:
+            for first in range(0, len(requests), size):
+                for index, piece in run_batch(self.step, cache, requests[first:first + size],
+                                              self.defaults.pad_token_id):
+                    yield first + index, piece
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise UsageError("this model directory has no tokenizer.json, so it cannot take text",
+                             hint="pass token ids to generate_ids(), or add tokenizer.json")
+        return self.tokenizer
+
+    def _encode_all(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise UsageError("prompts must be a string or a list of strings",
+                             found=type(prompts).__name__)
+        tokenizer = self._need_tokenizer()
+        return [tokenizer.encode(p) for p in prompts]
+
+    def _requests(self, prompts, sampling, overrides) -> list[Request]:
+        start = time.perf_counter()
+        prompts = self._check_prompts(prompts)
+        params = self._params_for(len(prompts), sampling, overrides)
+        eos = self.defaults.eos_token_ids
+        return [Request(p, s, min(s.max_new_tokens, self.context_limit - len(p)),
+                        self.spec.vocab_size, eos, self.tokenizer, start)
+                for p, s in zip(prompts, params)]
+
+    def _params_for(self, count: int, sampling, overrides) -> list[SamplingParams]:
+        if isinstance(sampling, (list, tuple)):
+            if len(sampling) != count:
+                raise UsageError("one SamplingParams per prompt was expected",
+                                 expected=f"{count} entries", found=f"{len(sampling)}")
+            return [self.sampling(s, **overrides) for s in sampling]
+        return [self.sampling(sampling, **overrides)] * count
+
+    def _check_prompts(self, prompts) -> list[list[int]]:
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise UsageError("no prompts were given", expected="a non-empty list of prompts",
+                             found=repr(prompts)[:100])
+        checked = [_token_list(p, i, self.spec.vocab_size) for i, p in enumerate(prompts)]
+        limit = self.context_limit
+        for i, p in enumerate(checked):
+            if len(p) >= limit:
+                source = "max_seq" if limit == self.options.max_seq else "max_position_embeddings"
+                raise UsageError(f"prompt {i} is too long: {len(p)} tokens",
+                                 expected=f"fewer than {limit} tokens, the context limit "
+                                          f"({source}), to leave room for one new token",
+                                 found=f"{len(p)} tokens", hint="shorten the prompt")
+        return checked
+
+
+def _token_list(prompt, index: int, vocab: int) -> list[int]:
+    try:
+        ids = [int(t) for t in prompt]
+    except (TypeError, ValueError):
+        raise UsageError(f"prompt {index} is not a list of token ids", found=repr(prompt)[:100]) from None
+    if not ids:
+        raise UsageError(f"prompt {index} is empty", expected="at least one token")
+    if min(ids) < 0 or max(ids) >= vocab:
+        raise UsageError(f"prompt {index} holds a token id outside the vocabulary",
+                         expected=f"ids in [0, {vocab})", found=f"min {min(ids)}, max {max(ids)}")
+    return ids
+
+
+def _eos(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, int) else tuple(value)
+
+
+class TextStream:
+    """Iterator over text pieces of one streamed request; `result` is set when it ends."""
+
+    def __init__(self, events: Iterator[tuple[int, str]], request: Request) -> None:
+        self._events = events
+        self._request = request
+        self.result: Result | None = None
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            _, piece = next(self._events)
+            return piece
+        except StopIteration:
+            self.result = self._request.result()
+            raise
+
+    def close(self) -> None:
+        """Stop generating early (the KV cache goes back to the pool); `result` stays None."""
+        self._events.close()

@@ -1,0 +1,44 @@
+"""The body of `mixbuild run`: load a model, generate for one prompt, print the text and the
+latency figures users ask about (time to first token, tokens per second)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import click
+
+from mixbuild.runtime.generate import Result
+
+
+def cli_run(path: str, prompt: str, *, backend: str = "auto", device: str = "cpu",
+            stream: bool = False, chat: bool = False, threads: int | None = None,
+            echo: Callable[..., None] = click.echo, **sampling) -> Result:
+    """Generate for `prompt` and print it; `sampling` holds SamplingParams fields (None = the
+    artifact's default). With `chat` the prompt is one user message through the chat template."""
+    from mixbuild.runtime.api import load
+
+    start = time.perf_counter()
+    model = load(path, backend=backend, device=device, threads=threads, max_batch=1)
+    loaded = time.perf_counter() - start
+    overrides = {k: v for k, v in sampling.items() if v is not None and v != ()}
+    messages = [{"role": "user", "content": prompt}]
+    if stream:
+        pieces = model.stream_chat(messages, **overrides) if chat else model.stream(prompt, **overrides)
+        for piece in pieces:
+            echo(piece, nl=False)
+        result = pieces.result
+        echo()
+    else:
+        result = model.chat(messages, **overrides) if chat else model.generate(prompt, **overrides)[0]
+        echo(result.text)
+    echo(summary(result, model.backend, loaded))
+    return result
+
+
+def summary(result: Result, backend: str, load_s: float) -> str:
+    t = result.timings
+    return (f"[{backend}] {t.prompt_tokens} prompt + {t.generated_tokens} generated tokens "
+            f"({result.finish_reason.value}) | load {load_s:.2f} s | time to first token "
+            f"{t.time_to_first_token_s * 1000:.1f} ms | {t.decode_tokens_per_s:.1f} tokens/s decode, "
+            f"{t.tokens_per_s:.1f} tokens/s overall")

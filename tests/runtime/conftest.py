@@ -1,0 +1,53 @@
+"""Runtime fixtures: the trained fixture exported to an fp32 artifact, loaded once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\nclass Config", "    for key, value in"]
+
+
+@pytest.fixture(scope="session")
+def runtime_artifact(fixture_dir, tmp_path_factory):
+    from mixbuild.exporter.export import export_checkpoint
+
+    return export_checkpoint(fixture_dir, tmp_path_factory.mktemp("runtime") / "fp32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def ort_model(runtime_artifact):
+    import mixbuild.runtime as rt
+
+    return rt.load(runtime_artifact, threads=1)
+
+
+@pytest.fixture(scope="session")
+def ort_bound_model(runtime_artifact):
+    """The ort backend with its KV cache in preallocated IOBinding buffers."""
+    import mixbuild.runtime as rt
+
+    return rt.load(runtime_artifact, threads=1, io_binding=True)
+
+
+@pytest.fixture(scope="session")
+def torch_model(fixture_dir):
+    import mixbuild.runtime as rt
+
+    return rt.load(fixture_dir, backend="torch")
+
+
+@pytest.fixture(scope="session")
+def hf_model(fixture_dir):
+    import torch
+    from transformers import MixtralForCausalLM
+
+    return MixtralForCausalLM.from_pretrained(fixture_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(fixture_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(fixture_dir)
+    tokenizer.padding_side = "left"
+    return tokenizer
