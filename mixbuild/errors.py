@@ -65,3 +65,13 @@ def require(module: str, extra: str, purpose: str):
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise MissingDependencyError(module, extra, purpose) from exc
+
+
+def choice(kind, value, what: str):
+    """`kind(value)` for an Enum `kind` (an instance passes through), or a UsageError naming
+    `what` and listing the accepted values."""
+    try:
+        return kind(getattr(value, "value", value))
+    except ValueError:
+        raise UsageError(f"unknown {what} '{value}'", expected=" | ".join(m.value for m in kind),
+                         found=repr(value)) from None

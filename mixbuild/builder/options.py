@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from mixbuild.errors import UsageError
+from mixbuild.errors import UsageError, choice
 
 MAX_OPT_LEVEL = 5   # TensorRT's builder optimisation levels are 0 (fastest build) .. 5
 
@@ -56,11 +56,7 @@ class MoEMode(str, Enum):
 
     @classmethod
     def parse(cls, text: "str | MoEMode") -> "MoEMode":
-        try:
-            return cls(text)
-        except ValueError:
-            raise UsageError(f"unknown --moe mode '{text}'", expected="plugin | inline",
-                             found=repr(text)) from None
+        return choice(cls, text, "--moe mode")
 
 
 @dataclass(frozen=True, order=True)

@@ -56,7 +56,7 @@ import math
 import torch
 from torch import Tensor
 
-from mixbuild.errors import UsageError
+from mixbuild.errors import UsageError, choice
 
 FP8_MAX = 448.0
 INT4_MIN, INT4_MAX = -8, 7
@@ -72,11 +72,7 @@ class QuantScheme(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: "QuantScheme | str") -> "QuantScheme":
-        try:
-            return cls(value)
-        except ValueError:
-            raise UsageError("unknown MoE quantization scheme",
-                             expected=" | ".join(s.value for s in cls), found=repr(value)) from None
+        return choice(cls, value, "MoE quantization scheme")
 
 
 # ----------------------------------------------------------------------------------------- FP8

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from mixbuild.errors import UsageError
+from mixbuild.errors import UsageError, choice
 
 
 class Precision(str, Enum):
@@ -48,17 +48,9 @@ class QuantConfig:
 
     @classmethod
     def parse(cls, precision: str, **kwargs) -> "QuantConfig":
-        try:
-            prec = Precision(precision)
-        except ValueError:
-            raise UsageError("unknown precision", expected="fp8 | int4", found=precision) from None
-        if "int4_method" in kwargs and not isinstance(kwargs["int4_method"], Int4Method):
-            try:
-                kwargs["int4_method"] = Int4Method(kwargs["int4_method"])
-            except ValueError:
-                raise UsageError("unknown int4 method", expected="awq | rtn",
-                                 found=str(kwargs["int4_method"])) from None
-        return cls(precision=prec, **kwargs)
+        if "int4_method" in kwargs:
+            kwargs["int4_method"] = choice(Int4Method, kwargs["int4_method"], "int4 method")
+        return cls(precision=choice(Precision, precision, "precision"), **kwargs)
 
     def to_dict(self) -> dict:
         return {"precision": self.precision.value, "int4_method": self.int4_method.value,

@@ -21,7 +21,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from mixbuild.errors import ArtifactError, MissingDependencyError, UsageError
+from mixbuild.errors import ArtifactError, MissingDependencyError, UsageError, choice
 from mixbuild.model.spec import MixtralSpec
 from mixbuild.runtime.generate import Request, Result, run_batch
 from mixbuild.runtime.sampling import GenerationDefaults, SamplingParams
@@ -80,11 +80,7 @@ class LoadOptions:
 
 
 def _enum(kind, value, what: str):
-    try:
-        return kind(value.value if isinstance(value, Enum) else value)
-    except ValueError:
-        raise UsageError(f"unknown {what} '{value}'", expected=", ".join(m.value for m in kind),
-                         found=repr(value)) from None
+    return choice(kind, value, what)
 
 
 def detect_backend(path: Path) -> Backend:

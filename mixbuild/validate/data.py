@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixbuild.errors import UsageError
+from mixbuild.errors import UsageError, choice
 
 # Python source in the style of the standard library, the kind of text the fixture model was
 # trained on; `encode_texts` cuts it into evaluation sequences.
@@ -209,11 +209,7 @@ def load_prompts(path: str | Path, fmt: PromptFormat | str = PromptFormat.AUTO) 
 
 
 def _parse_format(fmt: PromptFormat | str) -> PromptFormat:
-    try:
-        return PromptFormat(getattr(fmt, "value", fmt))
-    except ValueError:
-        raise UsageError(f"unknown prompts format '{fmt}'",
-                         expected=", ".join(f.value for f in PromptFormat)) from None
+    return choice(PromptFormat, fmt, "prompts format")
 
 
 def _parse_text(text: str) -> list[str]:

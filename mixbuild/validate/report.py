@@ -186,30 +186,33 @@ def plot_report(report: Report, path: str | Path) -> None:
     fig.savefig(str(path), format="png")
 
 
-def _plot_hidden(ax, report: Report) -> None:
-    layers = [lr.layer for lr in report.layers if lr.hidden_max_abs is not None]
-    values = [max(lr.hidden_max_abs, 1e-12) for lr in report.layers if lr.hidden_max_abs is not None]
-    ax.set_title("hidden state max abs error")
+def _per_layer(ax, report: Report, field: str, title: str, missing: str, color: str,
+               floor: float = float("-inf")) -> list:
+    """Bar chart of one per-layer metric (values raised to `floor`); returns the plotted values
+    ([] when none)."""
+    rows = [(lr.layer, max(getattr(lr, field), floor)) for lr in report.layers
+            if getattr(lr, field) is not None]
+    ax.set_title(title)
     ax.set_xlabel("layer")
-    if not values:
-        ax.text(0.5, 0.5, "no hidden-state outputs", ha="center", va="center", transform=ax.transAxes)
-        return
-    ax.bar(layers, values, color="tab:blue")
-    ax.set_yscale("log")
+    if not rows:
+        ax.text(0.5, 0.5, missing, ha="center", va="center", transform=ax.transAxes)
+        return []
+    ax.bar([layer for layer, _ in rows], [value for _, value in rows], color=color)
     _integer_ticks(ax.xaxis)
+    return [value for _, value in rows]
+
+
+def _plot_hidden(ax, report: Report) -> None:
+    if _per_layer(ax, report, "hidden_max_abs", "hidden state max abs error",
+                  "no hidden-state outputs", "tab:blue", floor=1e-12):
+        ax.set_yscale("log")
 
 
 def _plot_flips(ax, report: Report) -> None:
-    layers = [lr.layer for lr in report.layers if lr.router_flip_rate is not None]
-    values = [lr.router_flip_rate for lr in report.layers if lr.router_flip_rate is not None]
-    ax.set_title("router flip rate")
-    ax.set_xlabel("layer")
-    if not values:
-        ax.text(0.5, 0.5, "no router outputs", ha="center", va="center", transform=ax.transAxes)
-        return
-    ax.bar(layers, values, color="tab:orange")
-    ax.set_ylim(0, max(max(values) * 1.2, 0.01))
-    _integer_ticks(ax.xaxis)
+    values = _per_layer(ax, report, "router_flip_rate", "router flip rate", "no router outputs",
+                        "tab:orange")
+    if values:
+        ax.set_ylim(0, max(max(values) * 1.2, 0.01))
 
 
 def _expert_grid(report: Report):

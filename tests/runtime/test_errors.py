@@ -17,7 +17,7 @@ from mixbuild.runtime.ort_runner import OrtRunner
 def test_unknown_backend(runtime_artifact):
     with pytest.raises(UsageError, match="unknown backend 'tensorflow'") as err:
         rt.load(runtime_artifact, backend="tensorflow")
-    assert "ort, torch, trt" in str(err.value)
+    assert "ort | torch | trt" in str(err.value)
 
 
 def test_unknown_device(runtime_artifact):
