@@ -31,18 +31,14 @@ def run_demo(out: str | Path) -> int:
 
 
 def _generate_sample(console, artifact: Path) -> None:
-    """Greedy text from the artifact through ONNX Runtime, via the generation runtime when present."""
-    import numpy as np
-    from tokenizers import Tokenizer
+    """Greedy text from the artifact through the generation runtime (ONNX Runtime backend)."""
+    import mixbuild.runtime as rt
+    from mixbuild.runtime.cli import summary
 
-    from mixbuild.runtime.ort_runner import OrtRunner
-    from mixbuild.runtime.runner import greedy_steps
-
-    console.rule("4. generate with ONNX Runtime")
-    tokenizer = Tokenizer.from_file(str(artifact / "tokenizer.json"))
+    console.rule("4. generate with mixbuild.runtime (ONNX Runtime)")
     prompt = "class Parser:\n    def __init__(self"
-    runner = OrtRunner(artifact)
-    ids = np.array([[runner.spec.bos_token_id or 1] + tokenizer.encode(prompt).ids], np.int64)
-    tokens = [int(out["logits"][0, -1].argmax())
-              for _, out in greedy_steps(runner, runner.spec, ids, np.ones_like(ids), 40)]
-    console.print(prompt + tokenizer.decode(tokens), markup=False, highlight=False)
+    model = rt.load(artifact)
+    result = model.generate(prompt, max_new_tokens=40)[0]
+    console.print(prompt + result.text, markup=False, highlight=False)
+    console.print(summary(result, model.backend, 0.0).replace(" | load 0.00 s", ""),
+                  markup=False, highlight=False)
