@@ -123,3 +123,35 @@ class AdoptedCache:
     def compact(self, keep: np.ndarray, trim: int = 0) -> None:
         self.arrays = [np.ascontiguousarray(a[keep, :, trim:]) for a in self.arrays]
         self.batch, self.length = len(keep), self.length - trim
+
+
+class OrtValueCache:
+    """The cache as ONNX Runtime OrtValues on a device: the presents ORT allocated there are fed
+    back as past without leaving it. Shrinking the batch (rare) goes through host memory."""
+
+    def __init__(self, spec: MixtralSpec, dtype=np.float32, device: str = "cpu") -> None:
+        self.spec = spec
+        self.dtype = np.dtype(dtype)
+        self.device = device
+        self.names = cache_names(spec)
+        self.values: list = []
+        self.batch = 0
+        self.length = 0
+
+    def _upload(self, array: np.ndarray):
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, self.dtype), self.device, 0)
+
+    def reset(self, batch: int, max_length: int) -> None:
+        empty = self._upload(np.zeros((batch, self.spec.num_kv_heads, 0, self.spec.head_dim)))
+        self.values = [empty] * len(self.names)
+        self.batch, self.length = batch, 0
+
+    def adopt(self, values: list, seq: int) -> None:
+        self.values = values
+        self.length += seq
+
+    def compact(self, keep: np.ndarray, trim: int = 0) -> None:
+        self.values = [self._upload(v.numpy()[keep, :, trim:]) for v in self.values]
+        self.batch, self.length = len(keep), self.length - trim

@@ -18,7 +18,12 @@ isolation), but binding 2 x layers cache tensors per step costs ~0.09-0.12 ms of
 than the allocation it saves: end to end FeedStep was ~8% faster on the fixture (B=1: 1494 vs
 1364 tokens/s) and equal on the 338M model (B=8: 82.2 vs 82.6 tokens/s), also at 1000
 positions of context. So `load` uses FeedStep by default and BoundOrtStep with
-io_binding=True; BoundOrtStep is also the shape a device-resident (CUDA) cache would take.
+io_binding=True on CPU.
+- `OrtValueStep`: ONNX Runtime with the cache kept as OrtValues on the session's device: the
+  present outputs ORT allocates there are bound as the next step's past, and only the logits
+  come back to the host. This is what `load(..., device="cuda")` uses, so the KV cache never
+  crosses PCIe; the same class runs (and is tested) on CPU, but the CUDA path is unverified
+  here (no GPU).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Protocol
 
 import numpy as np
 
-from mixbuild.runtime.kv_cache import AdoptedCache, KVCache
+from mixbuild.runtime.kv_cache import AdoptedCache, KVCache, OrtValueCache
 from mixbuild.runtime.runner import Runner
 
 
@@ -92,3 +97,29 @@ class BoundOrtStep:
 
 def _bind(bind, name: str, array: np.ndarray) -> None:
     bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+
+
+class OrtValueStep:
+    """ONNX Runtime with the KV cache resident on `device` ("cpu" or "cuda") as OrtValues."""
+
+    def __init__(self, runner, device: str = "cuda") -> None:  # runner: OrtRunner
+        self.session = runner.session
+        self.spec = runner.spec
+        self.kv_dtype = runner.kv_dtype
+        self.device = device
+
+    def new_cache(self) -> OrtValueCache:
+        return OrtValueCache(self.spec, self.kv_dtype, self.device)
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache: OrtValueCache) -> np.ndarray:
+        io = self.session.io_binding()  # per call: concurrent requests never share bindings
+        for name, value in _token_feeds(input_ids, attention_mask, position_ids).items():
+            io.bind_cpu_input(name, value)
+        for (past, present), value in zip(cache.names, cache.values):
+            io.bind_ortvalue_input(past, value)
+            io.bind_output(present, self.device, 0)
+        io.bind_output("logits", "cpu", 0)
+        self.session.run_with_iobinding(io)
+        outputs = io.get_outputs()  # in binding order: the presents, then the logits
+        cache.adopt(list(outputs)[:-1], input_ids.shape[1])
+        return outputs[len(cache.names)].numpy()[:, -1]

@@ -30,6 +30,17 @@ def ort_bound_model(runtime_artifact):
 
 
 @pytest.fixture(scope="session")
+def ort_device_model(runtime_artifact, ort_model):
+    """The ort backend with its KV cache as OrtValues (the device="cuda" path, run on CPU)."""
+    from mixbuild.runtime import Model
+    from mixbuild.runtime.ort_runner import OrtRunner
+    from mixbuild.runtime.steps import OrtValueStep
+
+    step = OrtValueStep(OrtRunner(runtime_artifact, threads=1), device="cpu")
+    return Model(step, ort_model.spec, ort_model.tokenizer, ort_model.defaults, ort_model.options, "ort")
+
+
+@pytest.fixture(scope="session")
 def torch_model(fixture_dir):
     import mixbuild.runtime as rt
 

@@ -127,9 +127,12 @@ class CountingStep:
         return self.step(input_ids, *rest)
 
 
-def test_bound_ort_step_compacts_too(ort_bound_model, ort_model):
-    assert type(ort_bound_model.step).__name__ == "BoundOrtStep"
-    step = CountingStep(ort_bound_model.step)
+@pytest.mark.parametrize("backend, step_type", [("ort_bound", "BoundOrtStep"),
+                                                ("ort_device", "OrtValueStep")])
+def test_bound_ort_steps_compact_too(request, backend, step_type, ort_model):
+    bound = request.getfixturevalue(f"{backend}_model")
+    assert type(bound.step).__name__ == step_type
+    step = CountingStep(bound.step)
     model = Model(step, ort_model.spec, ort_model.tokenizer, ort_model.defaults)
     prompts = [ort_model.tokenizer.encode(p) for p in PROMPTS]
     results = model.generate_ids(prompts, STAGGERED)
@@ -185,3 +188,12 @@ def test_a_stream_can_be_abandoned(ort_model):
     with ort_model.caches.borrow() as cache:  # the pool got the cache back
         assert cache is not None
     assert len(ort_model.caches.free) >= 1
+
+
+def test_cuda_device_keeps_the_cache_on_the_device(runtime_artifact, monkeypatch):
+    """load(device="cuda") picks the OrtValue step on "cuda" (providers faked: no GPU here)."""
+    import mixbuild.runtime.api as api
+
+    monkeypatch.setattr(api, "_ort_providers", lambda device: ["CPUExecutionProvider"])
+    model = api.load(runtime_artifact, device="cuda", threads=1)
+    assert type(model.step).__name__ == "OrtValueStep" and model.step.device == "cuda"
