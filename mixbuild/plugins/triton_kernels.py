@@ -72,6 +72,17 @@ def _tile_ids(num_blocks_m, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _expert_tile(pid_m, pid_n, N, num_slots, sorted_slots_ptr, block_expert_ptr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile (pid_m, pid_n) of a grouped GEMM: its expert, its slots (and which of them are real,
+    not padding) and its output columns (and which are in range)."""
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    slots = tl.load(sorted_slots_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    n_idx = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, slots, slots < num_slots, n_idx, n_idx < N
+
+
+@triton.jit
 def _load_b(b_base, n_idx, k_idx, n_ok, k_ok, stride_bn, stride_bk, s_base, stride_sn, stride_sk,
             group_size, SCHEME: tl.constexpr):
     """Weight tile B^T [BLOCK_K, BLOCK_N] of one expert: plain, fp8 (as e4m3) or int4 (as fp32)."""
@@ -157,12 +168,9 @@ def gate_up_kernel(
     pid_m, pid_n = _tile_ids(num_blocks_m, N, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    slots = tl.load(sorted_slots_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_ok = slots < num_slots
+    expert, slots, row_ok, n_idx, n_ok = _expert_tile(pid_m, pid_n, N, num_slots, sorted_slots_ptr,
+                                                      block_expert_ptr, BLOCK_M, BLOCK_N)
     tokens = (slots // top_k).to(tl.int64)
-    n_idx = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n_idx < N
     offs_k = tl.arange(0, BLOCK_K)
     b_base = b_ptr + expert * stride_be
     s_base = b_scale_ptr + expert * stride_se
@@ -216,12 +224,9 @@ def down_kernel(
     pid_m, pid_n = _tile_ids(num_blocks_m, N, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    slots = tl.load(sorted_slots_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_ok = slots < num_slots
+    expert, slots, row_ok, n_idx, n_ok = _expert_tile(pid_m, pid_n, N, num_slots, sorted_slots_ptr,
+                                                      block_expert_ptr, BLOCK_M, BLOCK_N)
     rows = slots.to(tl.int64)
-    n_idx = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n_idx < N
     offs_k = tl.arange(0, BLOCK_K)
     b_base = b_ptr + expert * stride_be
     s_base = b_scale_ptr + expert * stride_se
