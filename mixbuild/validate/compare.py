@@ -213,11 +213,12 @@ def _metrics(logits: _LogitStats, greedy: _Greedy, layers: tuple[LayerReport, ..
     flips = sum(lr.router_flips or 0 for lr in layers)
     routed = sum(lr.tokens for lr in layers)
     cat = np.concatenate
+    top1 = cat(logits.top1)
     return Metrics(
         positions=int(sum(c.size for c in logits.cosine)), sequences=logits.sequences,
         logits_max_abs=logits.max_abs, logits_mean_abs=logits.abs_sum / max(logits.values, 1),
         logits_cosine_min=float(cat(logits.cosine).min()), kl_mean=float(cat(logits.kl).mean()),
-        kl_max=float(cat(logits.kl).max()), top1_agreement=float(cat(logits.top1).mean()),
+        kl_max=float(cat(logits.kl).max()), top1_agreement=float(top1.mean()),
         top5_agreement=float(cat(logits.top5).mean()), ppl_reference=ppl_ref,
         ppl_artifact=ppl_art, ppl_rel_delta=M.relative_delta(ppl_ref, ppl_art),
         greedy_steps=greedy.total_steps, greedy_match_steps=greedy.match_steps,
@@ -225,7 +226,8 @@ def _metrics(logits: _LogitStats, greedy: _Greedy, layers: tuple[LayerReport, ..
                                else None),
         first_divergence=greedy.first,
         router_flip_rate=max(rates) if rates else None,
-        router_flip_rate_mean=flips / routed if routed else None)
+        router_flip_rate_mean=flips / routed if routed else None,
+        top1_agreement_ci95=M.wilson_interval(int(top1.sum()), int(top1.size)))
 
 
 def _checks(metrics: Metrics, tolerances: Tolerances) -> tuple[tuple[Check, ...], tuple[str, ...]]:

@@ -102,6 +102,16 @@ def _divergence_text(report: Report) -> str:
             f"top-1/top-2 margin {d.margin:.4g}")
 
 
+def _agreement_text(m) -> str:
+    """Top-1 agreement with its sampling interval: over few positions a threshold close to the
+    value is within the noise of the measurement."""
+    if m.top1_agreement_ci95 is None:
+        return "top-1 agreement not measured"
+    low, high = m.top1_agreement_ci95
+    return (f"top-1 agreement {m.top1_agreement:.4f} (95% interval {low:.4f}-{high:.4f} "
+            f"over {m.positions} positions)")
+
+
 def _worst_text(report: Report) -> str:
     w = report.worst
     if w is None:
@@ -117,7 +127,7 @@ def render_markdown(report: Report) -> str:
     lines = [f"# Validation: {'PASSED' if report.passed else 'FAILED'}", "",
              f"- artifact backend: `{report.backend}` at precision `{report.precision}`",
              f"- reference: `{report.reference}`",
-             f"- {m.sequences} sequences, {m.positions} compared positions",
+             f"- {m.sequences} sequences, {m.positions} compared positions; {_agreement_text(m)}",
              f"- {_divergence_text(report)}", f"- worst: {_worst_text(report)}"]
     if report.skipped:
         lines.append(f"- skipped (not measurable with these runners): {', '.join(report.skipped)}")
@@ -269,6 +279,7 @@ def print_summary(report: Report, console=None) -> None:
     verdict = "[bold green]PASSED[/bold green]" if report.passed else "[bold red]FAILED[/bold red]"
     console.print(f"{verdict}  ppl {fmt(report.metrics.ppl_reference)} -> "
                   f"{fmt(report.metrics.ppl_artifact)}; {_divergence_text(report)}")
+    console.print(_agreement_text(report.metrics))
     console.print(f"worst: {_worst_text(report)}")
     if report.skipped:
         console.print(f"skipped: {', '.join(report.skipped)}")

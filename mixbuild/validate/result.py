@@ -47,6 +47,7 @@ class Metrics:
     first_divergence: Divergence | None
     router_flip_rate: float | None = None       # worst layer
     router_flip_rate_mean: float | None = None  # pooled over layers
+    top1_agreement_ci95: tuple[float, float] | None = None  # Wilson interval over `positions`
 
 
 @dataclass(frozen=True)

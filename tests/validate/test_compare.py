@@ -51,6 +51,8 @@ def test_reference_model_passes_at_fp32(hf_checkpoints, hf_runners, name):
     m = report.metrics
     assert m.logits_max_abs <= 1e-4 and m.top1_agreement == 1.0 and m.kl_mean < 1e-9
     assert m.ppl_reference == pytest.approx(m.ppl_artifact, rel=1e-5)
+    low, high = m.top1_agreement_ci95  # all positions agree: the interval ends at 1
+    assert high == 1.0 and 1.0 - 4.0 / m.positions < low < 1.0
     assert (m.greedy_steps, m.greedy_match_steps, m.first_divergence) == (3 * STEPS, 3 * STEPS, None)
     assert len(report.layers) == spec.num_layers
     for layer in report.layers:

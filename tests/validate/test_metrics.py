@@ -115,6 +115,18 @@ def test_pooled_nll_equals_joint_perplexity():
     assert pooled == pytest.approx(M.perplexity(logits, targets, mask))
 
 
+def test_wilson_interval_textbook_values_and_shape():
+    # Wilson 95% intervals as tabulated (Newcombe 1998): 0/10 and 5/10
+    low, high = M.wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    low, high = M.wilson_interval(5, 10)
+    assert (low, high) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    # the interval holds the rate and narrows as the same rate is measured over more positions
+    narrow, wide = M.wilson_interval(9700, 10000), M.wilson_interval(97, 100)
+    assert wide[0] < narrow[0] < 0.97 < narrow[1] < wide[1]
+    assert M.wilson_interval(0, 0) is None
+
+
 def test_relative_delta():
     assert M.relative_delta(100.0, 101.0) == pytest.approx(0.01)
     assert M.relative_delta(100.0, 95.0) == pytest.approx(-0.05)

@@ -24,7 +24,7 @@ def make_report(passed=False, experts=True, nan_ppl=False) -> Report:
         ppl_reference=10.0, ppl_artifact=float("nan") if nan_ppl else 10.2, ppl_rel_delta=0.02,
         greedy_steps=32, greedy_match_steps=20, greedy_match_fraction=0.625,
         first_divergence=Divergence(sequence=1, step=4, reference_token=7, artifact_token=9, margin=0.03),
-        router_flip_rate=0.05, router_flip_rate_mean=0.03)
+        router_flip_rate=0.05, router_flip_rate_mean=0.03, top1_agreement_ci95=(0.87, 0.99))
     layers = tuple(
         LayerReport(layer=i, hidden_max_abs=[0.0, 0.01, 0.3][i], router_logits_max_abs=0.001 * i,
                     router_flip_rate=0.025 * i, router_flips=i, near_tie_flips=i // 2, tokens=40,
@@ -86,6 +86,7 @@ def test_markdown_summary_and_layer_table():
     assert "first divergence: sequence 1, step 4" in text
     assert "worst: layer 2, expert 2" in text
     assert "## Per-expert output max abs error" in text
+    assert "top-1 agreement 0.9750 (95% interval 0.8700-0.9900 over 40 positions)" in text
 
 
 def test_write_is_atomic_and_replaces(tmp_path, monkeypatch):
@@ -122,6 +123,7 @@ def test_print_summary():
     text = console.export_text()
     assert "FAILED" in text and "ppl_rel_delta" in text and "|x| <= 0.01" in text
     assert "worst: layer 2, expert 2" in text
+    assert "95% interval 0.8700-0.9900 over 40 positions" in text
 
 
 def test_worst_location_rules():
