@@ -37,7 +37,8 @@ class ArtifactWeights:
 
             self.smoothing = load_file(str(smoothing))
 
-    def _array(self, name: str) -> np.ndarray:
+    def array(self, name: str) -> np.ndarray:
+        """One initializer as numpy (fp8 as uint8 bit patterns, int4 as packed bytes)."""
         import onnx
         from onnx import numpy_helper
 
@@ -67,9 +68,9 @@ class ArtifactWeights:
 
         base = f"layers.{layer}.moe."
         if self.precision not in ("fp8", "int4"):
-            return (self._array(base + "w_gate_up").astype(np.float32),
-                    self._array(base + "w_down").astype(np.float32))
-        tensors = {n: torch.from_numpy(self._array(base + n)) for n in (
+            return (self.array(base + "w_gate_up").astype(np.float32),
+                    self.array(base + "w_down").astype(np.float32))
+        tensors = {n: torch.from_numpy(self.array(base + n)) for n in (
             "w_gate_up.quantized", "w_gate_up.scale", "w_down.quantized", "w_down.scale")}
         gate_up, down = formats.dequantize_experts(
             tensors["w_gate_up.quantized"], tensors["w_down.quantized"], self.precision,

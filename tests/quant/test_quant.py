@@ -224,3 +224,36 @@ def test_bad_quant_options(fixture_dir, tmp_path, hf_checkpoints):
         export_checkpoint(hf_checkpoints["tiny"], tmp_path / "out2", quant=QuantConfig.parse("fp8"),
                           progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_fp8_error_budget_emulation_reproduces_onnx_runtime(quantized, fixture_dir, monkeypatch):
+    """benchmarks/fp8_error_budget.py attributes the fp8 error to its quantizers with a torch
+    re-run of the artifact's own weights and scales; that re-run must be the artifact's numbers."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from mixbuild.runtime.ort_runner import OrtRunner
+    from mixbuild.runtime.runner import prefill_feeds
+    from mixbuild.validate.data import evaluation_batches
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "fp8_error_budget.py"
+    spec_ = importlib.util.spec_from_file_location("fp8_error_budget", path)
+    budget = importlib.util.module_from_spec(spec_)
+    monkeypatch.setitem(sys.modules, "fp8_error_budget", budget)  # dataclasses look it up there
+    spec_.loader.exec_module(budget)
+    emulation = budget.Fp8Emulation(quantized["fp8"], fixture_dir)
+    batch = evaluation_batches(fixture_dir / "tokenizer.json", max_tokens=128, batch_size=4,
+                               bos_id=1, max_sequences=4)[0]
+    runner = OrtRunner(quantized["fp8"])
+    ort = runner.infer(prefill_feeds(runner.spec, batch.input_ids, batch.attention_mask))["logits"]
+    full = budget.torch_logits(emulation.model(budget.ROWS[0]), batch)
+    diff = np.abs(full - ort).max(axis=-1)
+    assert np.median(diff) < 1e-4
+    assert (full.argmax(-1) == ort.argmax(-1)).mean() >= 0.99
+    # with every quantizer off it is the float reference; weights alone already change the logits
+    off = budget.torch_logits(emulation.model(budget.Row("none", False, ())), batch)
+    reference = budget.torch_logits(emulation.reference, batch)
+    weights_only = budget.torch_logits(emulation.model(budget.Row("w", True, ())), batch)
+    assert np.array_equal(off, reference)
+    assert np.abs(weights_only - reference).max() > 1e-2
