@@ -14,7 +14,29 @@ from onnx import TensorProto
 from mixbuild.exporter.functions import PlainWeights, _Body
 
 
-class FP8Weights(PlainWeights):
+class _ScaledWeights(PlainWeights):
+    """Quantized experts: the body dequantizes both weight tensors once, in float32."""
+
+    hidden: int
+    intermediate: int
+
+    def _dequantize(self, b: _Body, weight: str, scale: str, k: int) -> str:
+        raise NotImplementedError
+
+    def prologue(self, b: _Body) -> tuple[str, str, str]:
+        x = b("Cast", "hidden", to=TensorProto.FLOAT)
+        return (x, self._dequantize(b, "w_gate_up", "w_gate_up_scale", self.hidden),
+                self._dequantize(b, "w_down", "w_down_scale", self.intermediate))
+
+
+def _codes(b: _Body, weight: str) -> str:
+    """float(q) of a quantized tensor: a DequantizeLinear with scale 1. The scales are then
+    multiplied in float32 (TensorRT-RTX rejects blocked FP8 and 3-D blocked INT4
+    DequantizeLinear), which is the same product the kernels compute."""
+    return b("DequantizeLinear", weight, b.const(1.0, TensorProto.FLOAT))
+
+
+class FP8Weights(_ScaledWeights):
     extra_inputs = ("w_gate_up_scale", "w_down_scale", "act_scale_gate_up", "act_scale_down")
 
     def __init__(self, per_channel: bool, hidden: int, intermediate: int) -> None:
@@ -23,15 +45,7 @@ class FP8Weights(PlainWeights):
     def _dequantize(self, b: _Body, weight: str, scale: str, k: int) -> str:
         if not self.per_channel:  # scale [E]: per expert
             return b("DequantizeLinear", weight, scale, axis=0)
-        # per output channel, scale [E, N]: dequantize with 1 and multiply, the same product
-        # float(q) * scale; TensorRT-RTX's builder crashes on a blocked FP8 DequantizeLinear
-        values = b("DequantizeLinear", weight, b.const(1.0, TensorProto.FLOAT))
-        return b("Mul", values, b("Unsqueeze", scale, b.const([2])))
-
-    def prologue(self, b: _Body) -> tuple[str, str, str]:
-        x = b("Cast", "hidden", to=TensorProto.FLOAT)
-        return (x, self._dequantize(b, "w_gate_up", "w_gate_up_scale", self.hidden),
-                self._dequantize(b, "w_down", "w_down_scale", self.intermediate))
+        return b("Mul", _codes(b, weight), b("Unsqueeze", scale, b.const([2])))  # scale [E, N]
 
     def activation(self, b: _Body, x: str, which: str, expert: int) -> str:
         scale = b("Gather", f"act_scale_{which}", b.const(expert), axis=0)   # scalar
@@ -39,26 +53,15 @@ class FP8Weights(PlainWeights):
         return b("DequantizeLinear", q, scale)
 
 
-class Int4Weights(PlainWeights):
+class Int4Weights(_ScaledWeights):
     extra_inputs = ("w_gate_up_scale", "w_down_scale")
 
     def __init__(self, group_size: int, hidden: int, intermediate: int) -> None:
         self.group_size, self.hidden, self.intermediate = group_size, hidden, intermediate
 
     def _dequantize(self, b: _Body, weight: str, scale: str, k: int) -> str:
-        """INT4 [E, N, K] (packed two per byte, low nibble first) * scale [E, N, K/G]: a blocked
-        DequantizeLinear along K, as TensorRT and ONNX Runtime implement it."""
-        # float(q) * scale[k // G] in float32, as the kernels compute it: dequantize with 1, then
-        # multiply by the group scales expanded along K (TensorRT-RTX imports no 3-D blocked
-        # INT4 DequantizeLinear without a GPU)
-        values = b("DequantizeLinear", weight, b.const(1.0, TensorProto.FLOAT))
+        """INT4 [E, N, K] (packed two per byte, low nibble first) * scale [E, N, K/G], the
+        group scales expanded along K: W[e, n, k] = q[e, n, k] * scale[e, n, k // G]."""
         groups = b.const([j // self.group_size for j in range(k)])                  # k -> group
         full_scale = b("Gather", b("Cast", scale, to=TensorProto.FLOAT), groups, axis=2)
-        return b("Mul", values, full_scale)
-
-    def prologue(self, b: _Body) -> tuple[str, str, str]:
-        x = b("Cast", "hidden", to=TensorProto.FLOAT)
-        return (x, self._dequantize(b, "w_gate_up", "w_gate_up_scale", self.hidden),
-                self._dequantize(b, "w_down", "w_down_scale", self.intermediate))
-
-
+        return b("Mul", _codes(b, weight), full_scale)
