@@ -103,7 +103,7 @@ def bench_mixbuild(model, prompts, new_tokens: int, repeats: int) -> Measure:
 def bench_transformers(hf, prompts, new_tokens: int, repeats: int, pad_id: int) -> Measure:
     import torch
 
-    from mixbuild.runtime.generate import left_pad
+    from mixbuild.runtime.runner import left_pad
 
     ids, mask = (torch.from_numpy(a) for a in left_pad(prompts, pad_id))
 

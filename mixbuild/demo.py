@@ -40,5 +40,4 @@ def _generate_sample(console, artifact: Path) -> None:
     model = rt.load(artifact)
     result = model.generate(prompt, max_new_tokens=40)[0]
     console.print(prompt + result.text, markup=False, highlight=False)
-    console.print(summary(result, model.backend, 0.0).replace(" | load 0.00 s", ""),
-                  markup=False, highlight=False)
+    console.print(summary(result, model.backend), markup=False, highlight=False)

@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 from mixbuild.errors import ArtifactError, MissingDependencyError, UsageError, choice
 from mixbuild.model.spec import MixtralSpec
 from mixbuild.runtime.generate import Request, Result, run_batch
-from mixbuild.runtime.sampling import GenerationDefaults, SamplingParams
+from mixbuild.runtime.sampling import GenerationDefaults, SamplingParams, token_ids
 from mixbuild.runtime.tokenizer import Tokenizer
 
 MANIFEST = "mixbuild.json"
@@ -61,7 +61,7 @@ class LoadOptions:
 
     @classmethod
     def parse(cls, backend: str, device: str, **rest) -> "LoadOptions":
-        return cls(_enum(Backend, backend, "backend"), _enum(Device, device, "device"), **rest)
+        return cls(choice(Backend, backend, "backend"), choice(Device, device, "device"), **rest)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -77,10 +77,6 @@ class LoadOptions:
         if self.backend is Backend.TRT and self.device is Device.CPU:
             raise UsageError("the trt backend runs TensorRT engines on a CUDA GPU",
                              found="device='cpu'", hint="pass device='cuda'")
-
-
-def _enum(kind, value, what: str):
-    return choice(kind, value, what)
 
 
 def detect_backend(path: Path) -> Backend:
@@ -214,7 +210,7 @@ class Model:
         self.step = step
         self.spec = spec
         self.tokenizer = tokenizer
-        self.defaults = defaults or GenerationDefaults(eos_token_ids=_eos(spec.eos_token_id))
+        self.defaults = defaults or GenerationDefaults(eos_token_ids=token_ids(spec.eos_token_id))
         self.options = options or LoadOptions()
         self.backend = backend
         self.caches = _CachePool(step.new_cache)
@@ -339,12 +335,6 @@ def _token_list(prompt, index: int, vocab: int) -> list[int]:
         raise UsageError(f"prompt {index} holds a token id outside the vocabulary",
                          expected=f"ids in [0, {vocab})", found=f"min {min(ids)}, max {max(ids)}")
     return ids
-
-
-def _eos(value) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return (value,) if isinstance(value, int) else tuple(value)
 
 
 class TextStream:

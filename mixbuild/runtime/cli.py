@@ -36,9 +36,11 @@ def cli_run(path: str, prompt: str, *, backend: str = "auto", device: str = "cpu
     return result
 
 
-def summary(result: Result, backend: str, load_s: float) -> str:
+def summary(result: Result, backend: str, load_s: float | None = None) -> str:
+    """One line of latency figures; the load time only when `load_s` is given."""
     t = result.timings
+    load = f" | load {load_s:.2f} s" if load_s is not None else ""
     return (f"[{backend}] {t.prompt_tokens} prompt + {t.generated_tokens} generated tokens "
-            f"({result.finish_reason.value}) | load {load_s:.2f} s | time to first token "
+            f"({result.finish_reason.value}){load} | time to first token "
             f"{t.time_to_first_token_s * 1000:.1f} ms | {t.decode_tokens_per_s:.1f} tokens/s decode, "
             f"{t.tokens_per_s:.1f} tokens/s overall")

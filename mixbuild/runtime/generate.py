@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from mixbuild.runtime.runner import positions_from_mask
+from mixbuild.runtime.runner import left_pad, positions_from_mask
 from mixbuild.runtime.sampling import SamplingParams, TokenChooser
 from mixbuild.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -126,16 +126,6 @@ class Request:
                           self.end_at - self.start)
         return Result(self.text if self.detok is not None else None, list(self.tokens),
                       list(self.prompt_ids), self.finish, self.stopped_by, timings)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), width), pad_id, np.int64)
-    mask = np.zeros((len(prompts), width), np.int64)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
-    return ids, mask
 
 
 class _Batch:

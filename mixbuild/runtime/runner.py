@@ -44,6 +44,17 @@ def debug_output_names(spec: MixtralSpec) -> list[str]:
     return names
 
 
+def left_pad(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id sequences -> (input_ids, attention_mask) int64 [B, longest], padded on the left."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, np.int64)
+    mask = np.zeros((len(prompts), width), np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
 def positions_from_mask(attention_mask: np.ndarray, seq: int) -> np.ndarray:
     """position_ids of the last `seq` tokens: count of real tokens before each, pads at 0."""
     pos = np.cumsum(attention_mask, axis=-1) - 1

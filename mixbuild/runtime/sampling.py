@@ -109,13 +109,14 @@ class GenerationDefaults:
     def read(cls, directory: Path, spec_eos: int | list[int] | None) -> "GenerationDefaults":
         path = Path(directory) / GENERATION_CONFIG
         config = json.loads(path.read_text()) if path.is_file() else {}
-        eos = _as_ids(config.get("eos_token_id", spec_eos))
+        eos = token_ids(config.get("eos_token_id", spec_eos))
         pad = config.get("pad_token_id")
         pad = pad if isinstance(pad, int) else (eos[0] if eos else 0)
         return cls(sampling=_sampling_from_config(config), eos_token_ids=eos, pad_token_id=pad)
 
 
-def _as_ids(value) -> tuple[int, ...]:
+def token_ids(value) -> tuple[int, ...]:
+    """None, one id or a list of ids (as configs write eos_token_id) -> a tuple of ids."""
     if value is None:
         return ()
     return (value,) if isinstance(value, int) else tuple(int(v) for v in value)

@@ -45,9 +45,10 @@ class TorchRunner:
             t = torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device)
             args.append(t.to(dtype) if name.startswith("past_") else t)
         outs = self.model(*args)
-        return {n: _to_numpy(t) for n, t in zip(self._outputs, outs)}
+        return {n: to_numpy(t) for n, t in zip(self._outputs, outs)}
 
 
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor on any device as a host numpy array (bfloat16, which numpy lacks, as float32)."""
     t = t.detach().cpu()
     return (t.float() if t.dtype == torch.bfloat16 else t).numpy()

@@ -76,6 +76,8 @@ class TrtRunner:
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        from mixbuild.runtime.torch_runner import to_numpy
+
         with self.lock, torch.cuda.stream(self.stream):
             self._select_profile(feeds)
             keep = [self._bind_input(name, feeds[name]) for name in self._inputs]
@@ -85,7 +87,7 @@ class TrtRunner:
                                     hint="run with a TensorRT logger at VERBOSE for details")
             self.stream.synchronize()
             del keep
-            return {name: _host(t) for name, t in outputs.items()}
+            return {name: to_numpy(t) for name, t in outputs.items()}
 
     def _select_profile(self, feeds: dict[str, np.ndarray]) -> None:
         if len(self.profiles) < 2:
@@ -114,10 +116,3 @@ class TrtRunner:
         tensor = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
         self.context.set_tensor_address(name, tensor.data_ptr())
         return tensor
-
-
-def _host(tensor) -> np.ndarray:
-    import torch
-
-    tensor = tensor.cpu()
-    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()

@@ -299,14 +299,9 @@ def make_batches(sequences: list[np.ndarray], batch_size: int, pad_id: int = 0) 
 
 
 def _left_pad(rows: list[np.ndarray], pad_id: int) -> Batch:
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, np.int64)
-    mask = np.zeros((len(rows), width), np.int64)
-    for i, row in enumerate(rows):
-        if len(row):
-            ids[i, width - len(row):] = row
-            mask[i, width - len(row):] = 1
-    return Batch(ids, mask)
+    from mixbuild.runtime.runner import left_pad
+
+    return Batch(*left_pad(rows, pad_id))
 
 
 def evaluation_batches(tokenizer_path: str | Path, prompts: str | Path | None = None,
