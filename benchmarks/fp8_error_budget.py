@@ -76,33 +76,15 @@ def evaluation_sets(tokenizer_path: Path, bos: int, held_out: int):
     return {"validate": validate, "held-out": make_batches(picked, 8)}
 
 
-class Scores:
-    """Pooled KL, top-1 agreement and perplexity of one row on one evaluation set."""
+def summary(stats) -> dict:
+    """KL, top-1 (with its interval) and perplexity change from a validate LogitStats."""
+    from mixbuild.validate import metrics as M
 
-    def __init__(self) -> None:
-        self.kl, self.top1, self.nll = [], [], [[0.0, 0], [0.0, 0]]
-
-    def add(self, batch, ref: np.ndarray, art: np.ndarray) -> None:
-        from mixbuild.validate import metrics as M
-
-        r, a = M.real_positions(ref, batch.attention_mask), M.real_positions(art, batch.attention_mask)
-        self.kl.append(M.kl_divergence(r, a))
-        self.top1.append(M.topk_agreement(r, a, 1))
-        mask, targets = M.next_token_targets(batch.input_ids, batch.attention_mask)
-        for total, logits in zip(self.nll, (ref, art)):
-            nll, count = M.negative_log_likelihood(logits[:, :-1], targets, mask)
-            total[0] += nll
-            total[1] += count
-
-    def summary(self) -> dict:
-        from mixbuild.validate import metrics as M
-
-        top1 = np.concatenate(self.top1)
-        ppl = [M.perplexity_from_nll(*t) for t in self.nll]
-        return {"positions": int(top1.size), "kl": float(np.concatenate(self.kl).mean()),
-                "top1": float(top1.mean()),
-                "ci": M.wilson_interval(int(top1.sum()), int(top1.size)),
-                "ppl": M.relative_delta(*ppl)}
+    top1 = np.concatenate(stats.top1)
+    ppl = [M.perplexity_from_nll(*t) for t in (stats.nll_reference, stats.nll_artifact)]
+    return {"positions": int(top1.size), "kl": float(np.concatenate(stats.kl).mean()),
+            "top1": float(top1.mean()), "ci": M.wilson_interval(int(top1.sum()), int(top1.size)),
+            "ppl": M.relative_delta(*ppl)}
 
 
 # ------------------------------------------------------------------------------ torch emulation
@@ -197,14 +179,11 @@ def _moe_forward(moe, s_in, s_down):
 
 
 def torch_logits(model, batch) -> np.ndarray:
-    import torch
+    from mixbuild.runtime.runner import prefill_feeds
+    from mixbuild.runtime.torch_runner import TorchRunner
 
-    from mixbuild.runtime.runner import positions_from_mask
-
-    ids, mask = (torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask))
-    positions = torch.from_numpy(positions_from_mask(batch.attention_mask, ids.shape[1]))
-    with torch.inference_mode():
-        return model(ids, mask, positions, *model.empty_past(ids.shape[0]))[0].numpy()
+    feeds = prefill_feeds(model.spec, batch.input_ids, batch.attention_mask)
+    return TorchRunner(model).infer(feeds)["logits"]
 
 
 # ------------------------------------------------------------------------------ scale sweep
@@ -273,6 +252,7 @@ def main() -> int:
     from mixbuild.quant.config import QuantConfig
     from mixbuild.runtime.ort_runner import OrtRunner
     from mixbuild.runtime.runner import prefill_feeds
+    from mixbuild.validate.compare import LogitStats
 
     spec = Checkpoint(FIXTURE).spec
     sets = evaluation_sets(FIXTURE / "tokenizer.json", spec.bos_token_id, args.held_out_sequences)
@@ -285,7 +265,7 @@ def main() -> int:
         results = {name: {} for name in ["W8A8 (ONNX Runtime, the artifact)", *models]}
         agreement = {"diffs": [], "same_top1": 0, "positions": 0}
         for set_name, batches in sets.items():
-            scores = {name: Scores() for name in results}
+            scores = {name: LogitStats() for name in results}
             for batch in batches:
                 ref = torch_logits(emulation.reference, batch)
                 art = ort.infer(prefill_feeds(spec, batch.input_ids, batch.attention_mask))["logits"]
@@ -298,8 +278,8 @@ def main() -> int:
                         agreement["diffs"].append(np.abs(logits - art)[real].max(axis=-1))
                         agreement["same_top1"] += int((logits.argmax(-1) == art.argmax(-1))[real].sum())
                         agreement["positions"] += int(real.sum())
-            for name, s in scores.items():
-                results[name][set_name] = s.summary()
+            for name, stats in scores.items():
+                results[name][set_name] = summary(stats)
         multipliers = [2.0 ** (j / 8) for j in range(-8, 17)]
         sweep = scale_sweep(emulation, sets["held-out"], multipliers)
     print_table(results, list(sets))

@@ -34,7 +34,9 @@ from mixbuild.validate.tolerances import THRESHOLDS, Tolerances
 
 # ----------------------------------------------------------------------------- accumulators
 @dataclass
-class _LogitStats:
+class LogitStats:
+    """Whole-model logit metrics pooled over batches (every real position of each)."""
+
     max_abs: float = 0.0
     abs_sum: float = 0.0
     values: int = 0
@@ -146,7 +148,7 @@ def _infer_pair(reference: Runner, artifact: Runner, spec: MixtralSpec, batch: B
 
 def _teacher_forced(reference, artifact, spec, batches, tolerances, keep_moe_inputs, kv_dtype,
                     progress):
-    logits = _LogitStats()
+    logits = LogitStats()
     layers = [_LayerStats() for _ in range(spec.num_layers)]
     for batch in track(batches, total=len(batches), label="teacher-forced", enabled=progress):
         ref, art = _infer_pair(reference, artifact, spec, batch, kv_dtype)
@@ -206,7 +208,7 @@ def _layer_report(index: int, stats: _LayerStats, experts) -> LayerReport:
         expert_tokens=tuple(int(c) for c in counts))
 
 
-def _metrics(logits: _LogitStats, greedy: _Greedy, layers: tuple[LayerReport, ...]) -> Metrics:
+def _metrics(logits: LogitStats, greedy: _Greedy, layers: tuple[LayerReport, ...]) -> Metrics:
     ppl_ref = M.perplexity_from_nll(*logits.nll_reference)
     ppl_art = M.perplexity_from_nll(*logits.nll_artifact)
     rates = [lr.router_flip_rate for lr in layers if lr.router_flip_rate is not None]
