@@ -1,10 +1,12 @@
 # `make demo` and `make test` set up .venv on first use (CPU-only torch wheel) and run.
+# `make lint` runs ruff; `make plain-install-check` checks a no-extras install (.ci/run runs all).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
+LINT   := mixbuild tests benchmarks scripts
 
-.PHONY: demo test install clean fixture
+.PHONY: demo test lint plain-install-check install clean fixture
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,6 +22,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT)
+
+# A fresh temporary venv: $(TORCH), `pip install .` with no extras, `mixbuild demo` (a few minutes).
+plain-install-check:
+	TORCH='$(TORCH)' bash scripts/ci/plain_install_check.sh
 
 fixture: $(STAMP)
 	$(PY) scripts/train_fixture.py --out mixbuild/fixtures/tiny-code
