@@ -1,0 +1,50 @@
+"""Tensor conversions between torch, numpy and onnx_ir, shared by every stage.
+
+torch, numpy, ml_dtypes and onnx_ir are imported inside the functions, so importing this module
+costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def as_numpy(t):
+    """A numpy view of a CPU torch tensor, with ml_dtypes for bfloat16 and float8 (no copy)."""
+    import ml_dtypes
+    import torch
+
+    t = t.contiguous()
+    views = {torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
+             torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn)}
+    if t.dtype in views:
+        raw, np_dtype = views[t.dtype]
+        return t.view(raw).numpy().view(np_dtype)
+    return t.numpy()
+
+
+def to_numpy(t):
+    """A torch tensor on any device as a host numpy array (bfloat16, which numpy lacks, as
+    float32)."""
+    import torch
+
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def lazy_tensor(loader: Callable, dtype, shape, name: str):
+    """An onnx_ir initializer whose data `loader()` (a torch tensor) produces only when it is
+    written. dtype "int4" means the loader returns the packed uint8 bytes of an ONNX INT4 tensor."""
+    import onnx_ir as ir
+
+    if dtype == "int4":
+        def load_packed():
+            return ir.PackedTensor(loader().numpy(), ir.DataType.INT4, shape=shape, name=name)
+        return ir.LazyTensor(load_packed, dtype=ir.DataType.INT4, shape=ir.Shape(shape), name=name)
+
+    ir_dtype = ir.tensor_adapters.from_torch_dtype(dtype)
+
+    def load():  # a numpy-backed tensor is written with ndarray.tofile: no extra bytes copy
+        return ir.Tensor(as_numpy(loader().to(dtype)), dtype=ir_dtype, name=name)
+
+    return ir.LazyTensor(load, dtype=ir_dtype, shape=ir.Shape(shape), name=name)
