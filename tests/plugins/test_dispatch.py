@@ -45,6 +45,23 @@ def test_interpreter_flag_is_seen():
     assert dispatch.interpreting()
 
 
+def test_workspace_bytes_of_a_concrete_shape():
+    # T=100 tokens, k=2 -> S=200 slots, E=8, H=64, I=96; each buffer rounded up to 256 bytes.
+    # padded slot capacity at the largest tile (M=256): 200 + 8*255 = 2240 -> 2304
+    #   sorted slots   2304*4                 =  9216
+    #   block experts  2304/16 (M>=16)*4 = 576 ->   768
+    #   padded count   4                      ->   256
+    #   intermediate   200*96*itemsize  bf16: 38400, fp32: 76800, fp8 (1 byte): 19200
+    #   per-slot out   200*64*itemsize  bf16: 25600, fp32: 51200
+    # bf16: 9216+768+256+38400+25600 = 74240; fp32: 9216+768+256+76800+51200 = 138240;
+    # fp8 with bf16 activations: 9216+768+256+19200+25600 = 55040
+    shape = (100, 2, 8, 64, 96)
+    assert dispatch.experts_workspace_bytes(*shape, torch.bfloat16) == 74240
+    assert dispatch.experts_workspace_bytes(*shape, torch.float32) == 138240
+    assert dispatch.experts_workspace_bytes(*shape, torch.bfloat16, "fp8") == 55040
+    assert dispatch.experts_workspace_bytes(*shape, torch.bfloat16, "int4") == 74240
+
+
 def test_workspace_bound_covers_every_block_size():
     from mixbuild.plugins.align import align_capacity
 

@@ -91,18 +91,37 @@ def test_strided_hidden_and_int64_ids(gen):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_workspace_and_out_buffers(gen):
+# What the kernel carves out of its workspace for T=7, k=2 (S=14 slots), E=4, H=48, I=80,
+# float32, with tiles of M rows; every buffer starts on a 256-byte boundary, and the padded
+# slot capacity is S + E*(M-1) rounded up to a multiple of M:
+#   M=16:  capacity 14+60=74 -> 80; sorted slots 80*4=320 -> 512, block experts 80/16*4=20 -> 256,
+#          padded count 4 -> 256, intermediate 14*80*4=4480 -> 4608, per-slot out 14*48*4=2688
+#          -> 2816; total 512+256+256+4608+2816 = 8448
+#   M=256: capacity 14+1020=1034 -> 1280; sorted slots 1280*4=5120, block experts 5*4=20 -> 256,
+#          256, 4608, 2816; total 5120+256+256+4608+2816 = 13056
+# experts_workspace_bytes covers every M in 16..256: the M=256 capacity (5120 bytes) with the
+# M=16 block count (1280/16*4=320 -> 512): 5120+512+256+4608+2816 = 13312
+CARVED = {16: 8448, 256: 13056}
+WORKSPACE_BOUND = 13312
+
+
+@pytest.mark.parametrize("block_m", sorted(CARVED))
+def test_workspace_and_out_buffers(gen, block_m):
     from mixbuild.plugins.dispatch import experts_workspace_bytes
 
     args = case(gen, T=7, E=4, k=2)
     nbytes = experts_workspace_bytes(7, 2, 4, 48, 80, torch.float32)
-    workspace = torch.zeros(nbytes, dtype=torch.uint8)
-    out = torch.full((7, 48), float("nan"))
-    got = run(*args, out=out, workspace=workspace)
-    assert got.data_ptr() == out.data_ptr()
-    torch.testing.assert_close(out, experts_reference(*args), rtol=1e-5, atol=1e-5)
-    with pytest.raises(UsageError, match="workspace is too small"):
-        run(*args, workspace=torch.zeros(64, dtype=torch.uint8))
+    assert nbytes == WORKSPACE_BOUND
+    config = KernelConfig(block_m=block_m, block_n=32, block_k=32, group_m=1, num_warps=4,
+                          num_stages=2)
+    want = experts_reference(*args)
+    for size in (nbytes, CARVED[block_m]):      # the bound, and exactly what the kernel takes
+        out = torch.full((7, 48), float("nan"))
+        got = run(*args, config=config, out=out, workspace=torch.zeros(size, dtype=torch.uint8))
+        assert got.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UsageError, match=f"workspace is too small\n  expected: >= {CARVED[block_m]} "):
+        run(*args, config=config, workspace=torch.zeros(CARVED[block_m] - 1, dtype=torch.uint8))
 
 
 def test_bad_inputs_are_usage_errors(gen):

@@ -124,6 +124,6 @@ def test_reference_quant_requires_scales():
 
 
 def test_unknown_scheme_is_a_usage_error():
-    with pytest.raises(UsageError, match="none | fp8 | int4"):
+    with pytest.raises(UsageError, match=r"scheme 'int8'\n  expected: none \| fp8 \| int4\n"):
         F.QuantScheme.parse("int8")
     assert F.QuantScheme.parse("fp8") is F.QuantScheme.FP8

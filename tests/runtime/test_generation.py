@@ -72,10 +72,10 @@ def test_stop_token_id(ort_model):
 def test_prompt_longer_than_the_context_is_refused(runtime_artifact):
     import mixbuild.runtime as rt
 
-    model = rt.load(runtime_artifact, max_seq=16)
+    model = rt.load(runtime_artifact, max_context=16)
     with pytest.raises(UsageError, match="20 tokens") as err:
         model.generate_ids([[5] * 20])
-    assert "16" in str(err.value) and "max_seq" in str(err.value)
+    assert "16" in str(err.value) and "max_context" in str(err.value)
     clipped = model.generate_ids([[5] * 10], max_new_tokens=50, ignore_eos=True)[0]
     assert len(clipped.token_ids) == 6 and clipped.finish_reason is FinishReason.LENGTH
 
@@ -120,10 +120,11 @@ def test_finished_sequences_leave_the_batch(runtime_artifact, ort_model):
 
 class CountingStep:
     def __init__(self, step) -> None:
-        self.step, self.new_cache, self.sizes = step, step.new_cache, []
+        self.step, self.new_cache, self.sizes, self.caches = step, step.new_cache, [], []
 
     def __call__(self, input_ids, *rest):
         self.sizes.append(input_ids.shape[0])
+        self.caches.append(rest[-1])
         return self.step(input_ids, *rest)
 
 
@@ -181,19 +182,88 @@ def test_numpy_token_ids_are_accepted(ort_model):
 
 
 def test_a_stream_can_be_abandoned(ort_model):
-    stream = ort_model.stream(PROMPTS[0], max_new_tokens=30, ignore_eos=True)
-    next(stream)
+    """close() ends the decode loop where it is and hands the KV cache back to the pool."""
+    step = CountingStep(ort_model.step)
+    model = Model(step, ort_model.spec, ort_model.tokenizer, ort_model.defaults)  # its own pool
+    stream = model.stream(PROMPTS[0], max_new_tokens=30, ignore_eos=True)
+    assert next(stream)
+    computed = len(step.sizes)
+    assert computed < 30 and model.caches.free == []  # the open stream holds the only cache
     stream.close()
     assert stream.result is None
-    with ort_model.caches.borrow() as cache:  # the pool got the cache back
-        assert cache is not None
-    assert len(ort_model.caches.free) >= 1
+    assert model.caches.free == [step.caches[-1]], "close() did not return the KV cache"
+    assert list(stream) == [] and len(step.sizes) == computed  # nothing more is computed
+    model.generate(PROMPTS[1], max_new_tokens=2)
+    assert model.caches.free == [step.caches[-1]] and step.caches[-1] is step.caches[0]  # reused
 
 
-def test_cuda_device_keeps_the_cache_on_the_device(runtime_artifact, monkeypatch):
-    """load(device="cuda") picks the OrtValue step on "cuda" (providers faked: no GPU here)."""
-    import mixbuild.runtime.api as api
+def _numpy_conversions_and_bindings(monkeypatch):
+    """Record every OrtValue -> numpy conversion, numpy -> OrtValue upload, OrtValue bound as an
+    input and IOBinding output list, at the onnxruntime API the OrtValue step goes through."""
+    import onnxruntime as ort
 
-    monkeypatch.setattr(api, "_ort_providers", lambda device: ["CPUExecutionProvider"])
-    model = api.load(runtime_artifact, device="cuda", threads=1)
-    assert type(model.step).__name__ == "OrtValueStep" and model.step.device == "cuda"
+    seen = {"numpy": [], "uploads": 0, "bound": [], "outputs": []}
+    to_numpy, upload = ort.OrtValue.numpy, ort.OrtValue.ortvalue_from_numpy.__func__
+    bind, get_outputs = ort.IOBinding.bind_ortvalue_input, ort.IOBinding.get_outputs
+
+    def counting_numpy(value):
+        seen["numpy"].append(value)
+        return to_numpy(value)
+
+    def counting_upload(cls, *args, **kwargs):
+        seen["uploads"] += 1
+        return upload(cls, *args, **kwargs)
+
+    def recording_bind(io, name, value):
+        if not seen["bound"] or seen["bound"][-1][0] is not io:
+            seen["bound"].append((io, {}))
+        seen["bound"][-1][1][name] = value
+        return bind(io, name, value)
+
+    def recording_outputs(io):
+        outputs = get_outputs(io)
+        seen["outputs"].append(outputs)
+        return outputs
+
+    monkeypatch.setattr(ort.OrtValue, "numpy", counting_numpy)
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy", classmethod(counting_upload))
+    monkeypatch.setattr(ort.IOBinding, "bind_ortvalue_input", recording_bind)
+    monkeypatch.setattr(ort.IOBinding, "get_outputs", recording_outputs)
+    return seen
+
+
+def test_ortvalue_step_feeds_the_presents_back_as_past(ort_device_model, ort_model, monkeypatch):
+    """The device-resident KV cache path (`OrtValueStep`, what load(device="cuda") uses), run
+    with CPU OrtValues: every decode step binds the previous step's present OrtValues (the same
+    objects, the same memory) as its past, no cache tensor is ever converted to numpy or
+    uploaded again, only the logits come back to numpy, and the tokens are the plain path's.
+
+    What only CUDA can show is left out (no GPU here): that load(device="cuda") picks this step
+    with device "cuda" (it needs onnxruntime-gpu's CUDAExecutionProvider) and that the presents
+    ORT allocates then live in GPU memory (OrtValue.device_name() == "cuda").
+    """
+    model = ort_device_model
+    assert model.step.device == "cpu"
+    names = [past for past, _ in model.step.new_cache().names]
+    # equal budgets and ignore_eos: no request leaves early, so no compaction (which goes
+    # through host memory by design) happens
+    seen = _numpy_conversions_and_bindings(monkeypatch)
+    results = model.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
+    monkeypatch.undo()
+    plain = ort_model.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
+    assert [r.token_ids for r in results] == [r.token_ids for r in plain]
+
+    steps = len(seen["outputs"])
+    assert steps == 6 and len(seen["bound"]) == steps
+    assert seen["uploads"] == 1, "the KV cache went through numpy -> OrtValue uploads"
+    for n in range(1, steps):
+        bound = seen["bound"][n][1]
+        presents = seen["outputs"][n - 1][:len(names)]
+        assert all(bound[name] is value for name, value in zip(names, presents)), \
+            f"decode step {n} did not bind the previous step's present OrtValues as its past"
+        assert [bound[name].data_ptr() for name in names] == [v.data_ptr() for v in presents]
+        assert all(v.device_name() == "cpu" for v in presents)
+    logits = [outputs[len(names)] for outputs in seen["outputs"]]
+    assert len(seen["numpy"]) == steps and all(
+        any(v is value for value in logits) for v in seen["numpy"]), \
+        "an OrtValue other than the logits was converted to numpy"
