@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--compute-capability", default="8.9")
     parser.add_argument("--opt-levels", default="0,3")
     parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--max-seq", type=int, default=512)
+    parser.add_argument("--max-step-tokens", type=int, default=512)
     parser.add_argument("--max-context", type=int, default=2048)
     args = parser.parse_args()
 
@@ -49,7 +49,7 @@ def main() -> None:
     from rich.table import Table
 
     from mixbuild.builder import build_engine
-    from mixbuild.inspect import human_bytes
+    from mixbuild.progress import human_bytes
 
     with tempfile.TemporaryDirectory(prefix="engine-bench-") as tmp:
         root = Path(tmp)
@@ -61,7 +61,7 @@ def main() -> None:
             for level in (int(x) for x in args.opt_levels.split(",")):
                 out = build_engine(artifact, root / f"{name}-{level}", compute_capability=
                                    args.compute_capability, opt_level=level, progress=False,
-                                   max_batch=args.max_batch, max_seq=args.max_seq,
+                                   max_batch=args.max_batch, max_step_tokens=args.max_step_tokens,
                                    max_context=args.max_context)
                 m = json.loads((out / "engine.json").read_text())
                 table.add_row(name, str(level), f"{m['build']['wall_s']:.2f}",

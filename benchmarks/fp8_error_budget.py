@@ -224,7 +224,7 @@ def scale_sweep(emulation: Fp8Emulation, batches, multipliers) -> list[tuple]:
             act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
             cases["down_in"].append((act, scales["down_in"][e], layer.moe.w_down[e]))
         for site, items in cases.items():
-            def noise(multiplier):
+            def noise(multiplier, items=items):
                 err = sig = 0.0
                 for x, scale, w in items:
                     q = formats.fake_quantize_fp8(x, torch.as_tensor(scale) * multiplier)
@@ -288,7 +288,8 @@ def main() -> int:
     print(f"\ntorch emulation vs ONNX Runtime (W8A8), per position max |logit diff|: median "
           f"{np.median(diffs):.1e}, above 0.01 at {int((diffs > 0.01).sum())}/{diffs.size} positions "
           f"(an activation a hair from an fp8 rounding boundary can round the other way and flip a "
-          f"routing decision, which attention carries to the later positions of the sequence), same top-1 at {agreement['same_top1']}/"
+          f"routing decision, which attention carries to the later positions of the sequence), "
+          f"same top-1 at {agreement['same_top1']}/"
           f"{agreement['positions']}")
     return 0
 

@@ -133,13 +133,15 @@ def child(args) -> None:
         import mixbuild.runtime as rt
 
         model = rt.load(args.artifact, threads=args.threads, max_batch=8)
-        measure = lambda prompts: bench_mixbuild(model, prompts, args.new_tokens, args.repeats)
+        def measure(prompts):
+            return bench_mixbuild(model, prompts, args.new_tokens, args.repeats)
     else:
         from transformers import MixtralForCausalLM
 
         hf = MixtralForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
         hf.generation_config.eos_token_id = None  # both sides generate exactly --new-tokens
-        measure = lambda prompts: bench_transformers(hf, prompts, args.new_tokens, args.repeats, pad)
+        def measure(prompts):
+            return bench_transformers(hf, prompts, args.new_tokens, args.repeats, pad)
     out = {}
     for batch in (1, 8):
         m = measure(prompts_for(args.checkpoint, spec.vocab_size, batch))
@@ -176,9 +178,9 @@ def compare(name: str, checkpoint: Path, artifact: Path, args) -> list[tuple]:
 
 
 def render(rows) -> str:
-    head = (f"| model | batch | mixbuild ort tok/s | transformers tok/s | tok/s ratio | "
-            f"ort TTFT ms | transformers TTFT ms | TTFT ratio | same tokens |\n"
-            f"|---|---|---|---|---|---|---|---|---|")
+    head = ("| model | batch | mixbuild ort tok/s | transformers tok/s | tok/s ratio | "
+            "ort TTFT ms | transformers TTFT ms | TTFT ratio | same tokens |\n"
+            "|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for name, batch, ours, theirs, same in rows:
         lines.append(f"| {name} | {batch} | {ours.tokens_per_s:.1f} | {theirs.tokens_per_s:.1f} | "

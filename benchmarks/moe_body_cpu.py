@@ -31,7 +31,7 @@ def sessions(h: int, i: int, e: int, k: int, threads: int):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from mixbuild.exporter.contract import DOMAIN
+    from mixbuild.contract import DOMAIN
     from mixbuild.exporter.functions import experts_function, gate_function
 
     rng = np.random.default_rng(0)

@@ -15,17 +15,27 @@ import click
 from mixbuild import __version__
 from mixbuild.errors import MixbuildError
 
+INTERNAL_ERROR = 70   # EX_SOFTWARE: a bug in mixbuild (1 is validate's "a check failed")
+
 
 def _fail(exc: MixbuildError) -> None:
     click.echo(f"error: {exc.render()}", err=True)
+    cause = exc.__cause__
+    if cause is not None:
+        first = (str(cause).strip().splitlines() or [""])[0]
+        click.echo(f"  cause:    {type(cause).__name__}: {first[:300]}\n"
+                   "  (`mixbuild --debug ...` shows the whole cause chain)", err=True)
     sys.exit(exc.exit_code)
 
 
 def handles_errors(fn):
-    """Print MixbuildError as one message (or re-raise under --debug)."""
+    """MixbuildError -> one message and its exit code (2); under --debug the traceback with its
+    full cause chain. Ctrl-C and SIGTERM exit 130 / 143 after the outputs' cleanup ran."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from mixbuild.atomic import Terminated
+
         ctx = click.get_current_context()
         try:
             return fn(*args, **kwargs)
@@ -33,9 +43,21 @@ def handles_errors(fn):
             if ctx.find_root().params.get("debug"):
                 raise
             _fail(exc)
-        except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written", err=True)
-            sys.exit(130)
+        except (KeyboardInterrupt, Terminated) as exc:
+            click.echo("interrupted; no output was left half-written", err=True)
+            sys.exit(getattr(exc, "exit_code", 130))
+        except OSError as exc:   # disk full, permissions, a path that vanished: the environment's
+            if ctx.find_root().params.get("debug"):
+                raise
+            _fail(MixbuildError(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+                                hint="free disk space, fix the permissions or the path, and retry"))
+        except Exception as exc:
+            if ctx.find_root().params.get("debug"):
+                raise
+            click.echo(f"internal error: mixbuild crashed ({type(exc).__name__}: {exc}).\n"
+                       "This is a bug in mixbuild, not in your input. Run the same command as "
+                       "`mixbuild --debug ...` and report the traceback it prints.", err=True)
+            sys.exit(INTERNAL_ERROR)
 
     return wrapper
 
@@ -65,9 +87,8 @@ def inspect(path: str, as_json: bool, no_values: bool, config_only: bool) -> Non
     from pathlib import Path
 
     from mixbuild import inspect as insp
-    from mixbuild.exporter.contract import MANIFEST_FILE
-
     from mixbuild.builder.cli import is_engine_dir
+    from mixbuild.contract import MANIFEST_FILE
 
     if is_engine_dir(path):
         from mixbuild.builder.inspect import inspect_engine, render_engine
@@ -116,7 +137,7 @@ def export(checkpoint: str, out: str, dtype: str, precision: str, calib: str | N
     import time
 
     from mixbuild.exporter.export import export_checkpoint
-    from mixbuild.inspect import human_bytes
+    from mixbuild.progress import human_bytes
 
     quant = None
     if precision != "float":
@@ -148,9 +169,13 @@ def export(checkpoint: str, out: str, dtype: str, precision: str, calib: str | N
 @click.option("--tolerance", "tolerances", multiple=True, metavar="NAME=VALUE",
               help="Override a tolerance, e.g. --tolerance top1_agreement=0.95 (repeatable).")
 @click.option("--no-plot", is_flag=True, help="Skip report.png.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the -o directory if it holds an earlier mixbuild validation report "
+                   "(the default ARTIFACT/validation is always replaced).")
 @handles_errors
 def validate(artifact: str, reference: str, out: str | None, prompts: str | None, max_tokens: int,
-             max_sequences: int, steps: int, tolerances: tuple[str, ...], no_plot: bool) -> None:
+             max_sequences: int, steps: int, tolerances: tuple[str, ...], no_plot: bool,
+             overwrite: bool) -> None:
     """Validate an artifact against transformers on its checkpoint.
 
     Exit 0 when every check passes, 1 when any fails, 2 on a usage or input error.
@@ -165,7 +190,7 @@ def validate(artifact: str, reference: str, out: str | None, prompts: str | None
     report, report_dir = validate_artifact(
         artifact, reference, out or Path(artifact) / "validation", prompts=prompts,
         max_tokens=max_tokens, steps=steps, max_sequences=max_sequences, overrides=overrides,
-        plot=not no_plot)
+        plot=not no_plot, overwrite=overwrite or out is None)
     print_summary(report)
     click.echo(f"report: {report_dir}")
     sys.exit(0 if report.passed else 1)
@@ -184,8 +209,8 @@ def validate(artifact: str, reference: str, out: str | None, prompts: str | None
               help="plugin: MoE nodes become mixbuild's TensorRT plugins; inline: TensorRT imports "
                    "their ONNX function bodies.")
 @click.option("--max-batch", type=int, default=1, show_default=True)
-@click.option("--max-seq", type=int, default=256, show_default=True,
-              help="Most new tokens per call (prompt chunk).")
+@click.option("--max-step-tokens", type=int, default=256, show_default=True,
+              help="Most tokens one call feeds (a prompt or prompt chunk: the seq axis).")
 @click.option("--max-context", type=int, default=1024, show_default=True,
               help="Most tokens per sequence, past + new.")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
@@ -194,13 +219,13 @@ def validate(artifact: str, reference: str, out: str | None, prompts: str | None
               help="Timing cache file: loaded if present, saved after the build (TensorRT only).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @handles_errors
-def engine(artifact, out, backend, compute_capability, moe, max_batch, max_seq, max_context,
+def engine(artifact, out, backend, compute_capability, moe, max_batch, max_step_tokens, max_context,
            opt_level, timing_cache, overwrite) -> None:
     """Compile an artifact to a TensorRT / TensorRT-RTX engine (engine.plan + engine.json)."""
     from mixbuild.builder.cli import engine_command
 
     engine_command(artifact, out, backend=backend, compute_capability=compute_capability, moe=moe,
-                   max_batch=max_batch, max_seq=max_seq, max_context=max_context,
+                   max_batch=max_batch, max_step_tokens=max_step_tokens, max_context=max_context,
                    opt_level=opt_level, timing_cache=timing_cache, overwrite=overwrite, echo=click.echo)
 
 

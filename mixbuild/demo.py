@@ -23,7 +23,7 @@ def run_demo(out: str | Path) -> int:
     artifact = export_checkpoint(FIXTURE, out / "tiny-code-fp32", debug_outputs=True, overwrite=True)
     console.print(f"artifact: {artifact}")
     console.rule("3. validate the artifact against transformers")
-    report, report_dir = validate_artifact(artifact, FIXTURE, out / "validation")
+    report, report_dir = validate_artifact(artifact, FIXTURE, out / "validation", overwrite=True)
     print_summary(report)
     console.print(f"report: {report_dir / 'report.md'}, plot: {report_dir / 'report.png'}")
     _generate_sample(console, artifact)

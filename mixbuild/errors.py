@@ -72,6 +72,6 @@ def choice(kind, value, what: str):
     `what` and listing the accepted values."""
     try:
         return kind(getattr(value, "value", value))
-    except ValueError:
+    except ValueError as exc:
         raise UsageError(f"unknown {what} '{value}'", expected=" | ".join(m.value for m in kind),
-                         found=repr(value)) from None
+                         found=repr(value)) from exc

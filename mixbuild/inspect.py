@@ -6,20 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from mixbuild.model.checkpoint import Checkpoint
-
-
-def human_count(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))
-
-
-def human_bytes(n: float) -> str:
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
+from mixbuild.progress import human_bytes, human_count
 
 
 def inspect_config(path: str | Path) -> dict[str, Any]:

@@ -1,9 +1,11 @@
-"""Progress display for long work (rich), silent when disabled or not on a terminal."""
+"""Terminal output for long work and reports: progress bars (rich, silent when disabled or not on
+a terminal) and human-readable counts and sizes."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -13,8 +15,14 @@ def track(items: Iterable[T], total: int | None = None, label: str = "working",
     if not enabled:
         yield from items
         return
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn())
@@ -28,8 +36,7 @@ def progress_bar(label: str, total: int, enabled: bool = True):
     if not enabled:
         yield lambda n=1, description=None: None
         return
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), transient=True) as progress:
@@ -39,3 +46,17 @@ def progress_bar(label: str, total: int, enabled: bool = True):
             progress.update(task, advance=n, **({"description": description} if description else {}))
 
         yield advance
+
+
+def human_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def human_bytes(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"

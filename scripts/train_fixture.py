@@ -232,7 +232,8 @@ def train(model: MixtralForCausalLM, stream: torch.Tensor, args: argparse.Namesp
         recent = (recent + [lm_loss.item()])[-50:]
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             print(
-                f"step {step + 1:5d}/{args.steps}  lm loss {recent[-1]:.3f} (avg50 {sum(recent) / len(recent):.3f})"
+                f"step {step + 1:5d}/{args.steps}  lm loss {recent[-1]:.3f} "
+                f"(avg50 {sum(recent) / len(recent):.3f})"
                 f"  balance {aux_loss.item():.3f}  lr {optimizer.param_groups[0]['lr']:.2e}"
                 f"  {time.time() - start:5.0f}s",
                 flush=True,
@@ -367,7 +368,8 @@ def prepare_data(args: argparse.Namespace) -> Data:
     return Data(tokenizer, train_stream, windows, baseline, corpus.description)
 
 
-def build_log(args: argparse.Namespace, data: Data, stats: dict, heldout: dict, reloaded: dict, samples: dict) -> dict:
+def build_log(args: argparse.Namespace, data: Data, stats: dict, heldout: dict, reloaded: dict,
+              samples: dict) -> dict:
     shares = reloaded["expert_share_per_layer"]
     return {
         "seed": args.seed,
@@ -418,7 +420,8 @@ def main() -> None:
 
     log = build_log(args, data, stats, heldout, reloaded_eval, samples)
     (args.out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
-    print(json.dumps({k: log[k] for k in ("heldout_loss", "unigram_heldout_loss", "heldout_loss_bf16_reloaded")}))
+    keys = ("heldout_loss", "unigram_heldout_loss", "heldout_loss_bf16_reloaded")
+    print(json.dumps({k: log[k] for k in keys}))
     print("files:", json.dumps(directory_report(args.out)))
 
 

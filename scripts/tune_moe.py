@@ -131,8 +131,7 @@ def main() -> int:
         return 1
     import triton
 
-    from mixbuild.plugins.configs import (config_file_name, device_key, dtype_key,
-                                          write_config_file)
+    from mixbuild.plugins.configs import config_file_name, device_key, dtype_key, write_config_file
 
     weights = make_weights(args)
     scheme = weights["quant"].get("scheme", "none")

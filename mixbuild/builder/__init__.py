@@ -1,6 +1,6 @@
 """TensorRT / TensorRT-RTX engines from exported artifacts, with mixbuild's MoE plugins.
 
-    options     BuildOptions (Backend, MoEMode, ComputeCapability, Limits) with validate()
+    options     BuildOptions (EngineBackend, MoEMode, ComputeCapability, Limits) with validate()
     adapter     the one place that imports tensorrt / tensorrt_rtx and hides their differences
     graph       the parser's view of the artifact for --moe plugin | inline (weights untouched)
     profiles    prefill / decode optimisation profiles; select_profile for the runtime

@@ -25,18 +25,19 @@ import functools
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from mixbuild.builder.options import Backend, ComputeCapability
+from mixbuild.builder.options import ComputeCapability
+from mixbuild.contract import EngineBackend
 from mixbuild.errors import MissingDependencyError, UsageError
 
 PURPOSE = "building TensorRT engines"
 
 # Ops a parser claims to support (supports_operator may give false positives) but cannot import.
 KNOWN_GAPS = {
-    Backend.TENSORRT_RTX: {
+    EngineBackend.TENSORRT_RTX: {
         "NonZero": "TensorRT-RTX has no NonZero implementation: its ONNX parser imports NonZero as "
                    "a 'NonZero' plugin that TensorRT-RTX does not ship (NVIDIA/TensorRT-RTX#36)",
     },
@@ -45,15 +46,15 @@ KNOWN_GAPS = {
 
 @dataclass(frozen=True)
 class Adapter:
-    backend: Backend
+    backend: EngineBackend
     trt: object                 # the imported module
 
     @classmethod
-    def load(cls, backend: Backend) -> "Adapter":
+    def load(cls, backend: EngineBackend) -> Adapter:
         try:
             module = importlib.import_module(backend.module)
         except ImportError as exc:
-            raise MissingDependencyError(backend.module, backend.key, PURPOSE) from exc
+            raise MissingDependencyError(backend.module, backend.extra, PURPOSE) from exc
         return cls(backend, module)
 
     # ------------------------------------------------------------------ identity
@@ -69,11 +70,11 @@ class Adapter:
     @property
     def ahead_of_time(self) -> bool:
         """True when the builder targets a chosen compute capability without a GPU."""
-        return self.backend is Backend.TENSORRT_RTX
+        return self.backend is EngineBackend.TENSORRT_RTX
 
     @property
     def timing_cache_supported(self) -> bool:
-        return self.backend is Backend.TENSORRT
+        return self.backend is EngineBackend.TENSORRT
 
     # ------------------------------------------------------------------ targets
     def targets(self) -> list[ComputeCapability]:
@@ -86,7 +87,7 @@ class Adapter:
 
     def config_flags(self) -> int:
         """NetworkDefinitionCreationFlag bits: strongly typed where it is a flag."""
-        if self.backend is Backend.TENSORRT_RTX:
+        if self.backend is EngineBackend.TENSORRT_RTX:
             return 0                           # always strongly typed; the flag is ignored
         flag = getattr(self.trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
         return 1 << int(flag) if flag is not None else 0
@@ -130,7 +131,7 @@ class Adapter:
     def worker_env(self, scratch: Path) -> dict[str, str]:
         """Environment for the build process (see the module docstring on libtensorrt_rtx.so)."""
         env = dict(os.environ)
-        if self.backend is not Backend.TENSORRT_RTX or not sys.platform.startswith("linux"):
+        if self.backend is not EngineBackend.TENSORRT_RTX or not sys.platform.startswith("linux"):
             return env
         alias = _rtx_library_alias(scratch)
         if alias is not None:
@@ -172,7 +173,7 @@ def _rtx_library_alias(scratch: Path) -> Path | None:
     return alias
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _monitor_class(trt):
     class BuildMonitor(trt.IProgressMonitor):
         """Forwards TensorRT's build phases as events (called from builder threads)."""

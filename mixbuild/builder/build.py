@@ -10,18 +10,19 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from mixbuild import __version__
 from mixbuild.builder.options import BuildOptions, ComputeCapability, MoEMode
+from mixbuild.contract import ENGINE_KIND
 from mixbuild.errors import ArtifactError, MixbuildError, UsageError
 
 LOG_TAIL_LINES = 25
@@ -33,7 +34,7 @@ class EngineBuildError(MixbuildError):
 
 def build_engine(artifact_dir: str | Path, out_dir: str | Path, backend: str = "tensorrt-rtx",
                  compute_capability: str | None = None, moe: str = "plugin", max_batch: int = 1,
-                 max_seq: int = 256, max_context: int = 1024, opt_level: int = 3,
+                 max_step_tokens: int = 256, max_context: int = 1024, opt_level: int = 3,
                  timing_cache: str | Path | None = None, overwrite: bool = False,
                  progress: bool = True) -> Path:
     """Build a TensorRT / TensorRT-RTX engine from an exported artifact; returns the engine dir.
@@ -43,7 +44,8 @@ def build_engine(artifact_dir: str | Path, out_dir: str | Path, backend: str = "
     mode, an existing output without overwrite), MissingDependencyError naming the extra.
     """
     options = BuildOptions.parse(backend=backend, moe=moe, compute_capability=compute_capability,
-                                 max_batch=max_batch, max_seq=max_seq, max_context=max_context,
+                                 max_batch=max_batch, max_step_tokens=max_step_tokens,
+                                 max_context=max_context,
                                  opt_level=opt_level, timing_cache=timing_cache)
     return build(artifact_dir, out_dir, options, overwrite=overwrite, progress=progress)
 
@@ -68,7 +70,7 @@ def preflight(artifact_dir: str | Path, out: Path, options: BuildOptions,
     from mixbuild.exporter.artifact import Artifact
 
     options.validate()
-    check_destination(out, overwrite)
+    check_destination(out, overwrite, ENGINE_KIND, _inputs(artifact_dir, options))
     artifact = Artifact.open(artifact_dir)
     options.limits.validate(artifact.spec.max_position_embeddings)
     adapter = Adapter.load(options.backend)
@@ -84,20 +86,26 @@ def preflight(artifact_dir: str | Path, out: Path, options: BuildOptions,
 
 def build(artifact_dir: str | Path, out_dir: str | Path, options: BuildOptions,
           overwrite: bool = False, progress: bool = True) -> Path:
-    from mixbuild.atomic import atomic_directory
-    from mixbuild.builder.manifest import PLAN_FILE, write_engine_manifest
+    from mixbuild.atomic import atomic_directory, scratch_directory
+    from mixbuild.builder.manifest import write_engine_manifest
+    from mixbuild.contract import PLAN_FILE
 
     start = time.perf_counter()
     out = Path(out_dir)
     pre = preflight(artifact_dir, out, options, overwrite)
-    with tempfile.TemporaryDirectory(prefix="mixbuild-engine-") as scratch, \
-            atomic_directory(out, overwrite) as tmp:
+    with scratch_directory(out) as scratch, \
+            atomic_directory(out, ENGINE_KIND, overwrite, _inputs(artifact_dir, options)) as tmp:
         request = _request(pre, options, Path(scratch), tmp / PLAN_FILE, progress)
         result = run_worker(pre.adapter, request, Path(scratch), progress)
         _check_mapping(result["layers"], pre.graph, options.moe)
         result["wall_s"] = round(time.perf_counter() - start, 3)
         write_engine_manifest(tmp, engine_manifest(pre, options, result))
     return out
+
+
+def _inputs(artifact_dir, options: BuildOptions) -> list:
+    """What the build reads (the output must not be, or hold, any of it)."""
+    return [artifact_dir] + ([options.timing_cache] if options.timing_cache else [])
 
 
 def _request(pre: Preflight, options: BuildOptions, scratch: Path, plan_path: Path,
@@ -126,9 +134,14 @@ def run_worker(adapter, request: dict, scratch: Path, progress: bool) -> dict:
     with log_path.open("wb") as log, build_view(progress) as view:
         proc = subprocess.Popen([sys.executable, "-m", "mixbuild.builder.worker", str(request_path)],
                                 stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+        stray = collections.deque(maxlen=LOG_TAIL_LINES)   # stdout lines that are not events
         try:
             for line in proc.stdout:
-                view.handle(_event(line))
+                event = _event(line)
+                if event is None:
+                    stray.append(line.rstrip("\n"))
+                else:
+                    view.handle(event)
             code = proc.wait()
         finally:
             if proc.poll() is None:             # interrupted: do not leave the build running
@@ -136,18 +149,23 @@ def run_worker(adapter, request: dict, scratch: Path, progress: bool) -> dict:
                 proc.wait()
     if code == 0:
         return json.loads(Path(request["result"]).read_text())
-    raise _worker_error(adapter, code, Path(request["error"]), log_path)
+    raise _worker_error(adapter, code, Path(request["error"]), log_path, list(stray))
 
 
-def _event(line: str) -> dict:
+def _event(line: str) -> dict | None:
+    """A progress event of the build process, or None for any other output on its stdout
+    (a library printing there): kept for the error report, never dropped."""
     try:
-        return json.loads(line)
+        event = json.loads(line)
     except json.JSONDecodeError:
-        return {}
+        return None
+    return event if isinstance(event, dict) else None
 
 
-def _worker_error(adapter, code: int, error_path: Path, log_path: Path) -> MixbuildError:
-    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
+def _worker_error(adapter, code: int, error_path: Path, log_path: Path,
+                  stray: list[str] = ()) -> MixbuildError:
+    lines = log_path.read_text(errors="replace").splitlines() + [f"[stdout] {s}" for s in stray]
+    tail = "\n".join(lines[-LOG_TAIL_LINES:])
     if error_path.is_file():
         error = json.loads(error_path.read_text())
         cls = {"UsageError": UsageError, "ArtifactError": ArtifactError}.get(error["class"],
@@ -162,7 +180,7 @@ def _worker_error(adapter, code: int, error_path: Path, log_path: Path) -> Mixbu
 
 def _check_mapping(layers: list[dict], prepared, mode: MoEMode) -> None:
     """Plugin mode: every MoE node became a mixbuild plugin layer; inline: none did."""
-    from mixbuild.exporter.contract import PLUGIN_NAMESPACE
+    from mixbuild.contract import PLUGIN_NAMESPACE
 
     found = sum(1 for layer in layers
                 if (layer.get("plugin") or {}).get("namespace") == PLUGIN_NAMESPACE)
@@ -178,14 +196,14 @@ def _output_dims(model) -> dict[str, list]:
 
 
 def engine_manifest(pre: Preflight, options: BuildOptions, result: dict) -> dict:
-    from mixbuild.builder.manifest import PLAN_FILE, plugin_summary, with_dim_names
-    from mixbuild.exporter.contract import MANIFEST_FILE
+    from mixbuild.builder.manifest import plugin_summary, with_dim_names
+    from mixbuild.contract import MANIFEST_FILE, PLAN_FILE
     from mixbuild.exporter.manifest import sha256_file
 
     adapter, artifact, manifest = pre.adapter, pre.artifact, pre.artifact.manifest
     return {
-        "backend": adapter.backend.key,
-        "tensorrt": {"backend": adapter.backend.value, "module": adapter.backend.module,
+        "backend": adapter.backend.value,
+        "tensorrt": {"module": adapter.backend.module,
                      "version": adapter.version, "onnx_parser_version": adapter.parser_version},
         "compute_capability": str(pre.target), "moe": options.moe.value,
         "precision": manifest["precision"], "dtype": manifest["dtype"], "spec": manifest["spec"],
@@ -194,7 +212,7 @@ def engine_manifest(pre: Preflight, options: BuildOptions, result: dict) -> dict
         "outputs": with_dim_names(result["outputs"], pre.outputs), "io_source": "network",
         "plugins": plugin_summary(result["layers"]),
         "plugin_registration": (f"mixbuild.plugins.trt_plugins.register_plugins"
-                                f"('{adapter.backend.key}')" if options.moe is MoEMode.PLUGIN
+                                f"('{adapter.backend.value}')" if options.moe is MoEMode.PLUGIN
                                 else None),
         "layers": {"source": "network", "count": len(result["layers"]), "items": result["layers"]},
         "builder": {"optimization_level": options.opt_level,

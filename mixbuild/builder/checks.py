@@ -8,7 +8,8 @@ refuses "HW-specific datatypes" below them: fp8_e4m3 below SM 8.9, int4 and b16 
 from __future__ import annotations
 
 from mixbuild.builder.adapter import Adapter
-from mixbuild.builder.options import Backend, ComputeCapability, MoEMode
+from mixbuild.builder.options import ComputeCapability, MoEMode
+from mixbuild.contract import EngineBackend
 from mixbuild.errors import UsageError
 
 # The lowest compute capability that runs a data type, keyed by artifact precision / dtype.
@@ -21,10 +22,10 @@ MIN_COMPUTE_CAPABILITY = {
 
 # The first version of each backend whose ONNX parser imports the artifact's Q/DQ form.
 MIN_VERSION = {
-    (Backend.TENSORRT, "fp8"): ((10, 0), "FP8 QuantizeLinear/DequantizeLinear"),
-    (Backend.TENSORRT, "int4"): ((10, 0), "INT4 blocked DequantizeLinear"),
-    (Backend.TENSORRT_RTX, "fp8"): ((1, 0), "FP8 QuantizeLinear/DequantizeLinear"),
-    (Backend.TENSORRT_RTX, "int4"): ((1, 0), "INT4 blocked DequantizeLinear"),
+    (EngineBackend.TENSORRT, "fp8"): ((10, 0), "FP8 QuantizeLinear/DequantizeLinear"),
+    (EngineBackend.TENSORRT, "int4"): ((10, 0), "INT4 blocked DequantizeLinear"),
+    (EngineBackend.TENSORRT_RTX, "fp8"): ((1, 0), "FP8 QuantizeLinear/DequantizeLinear"),
+    (EngineBackend.TENSORRT_RTX, "int4"): ((1, 0), "INT4 blocked DequantizeLinear"),
 }
 
 
@@ -51,7 +52,7 @@ def resolve_target(adapter: Adapter, requested: ComputeCapability | None) -> Com
     if requested not in targets:
         hint = ("use --backend tensorrt on the target GPU (TensorRT-RTX targets GeForce/RTX "
                 "architectures, not data-center GPUs such as H100 = 9.0)"
-                if adapter.backend is Backend.TENSORRT_RTX else None)
+                if adapter.backend is EngineBackend.TENSORRT_RTX else None)
         raise UsageError(f"{label} {adapter.version} cannot target compute capability {requested}",
                          expected=", ".join(map(str, targets)), found=str(requested), hint=hint)
     return requested
@@ -70,7 +71,7 @@ def check_precision(adapter: Adapter, manifest: dict, cc: ComputeCapability) -> 
     if needed and _version(adapter.version) < needed[0]:
         raise UsageError(f"{adapter.backend.label} {adapter.version} cannot import {needed[1]}",
                          expected=f"{adapter.backend.label} >= {'.'.join(map(str, needed[0]))}",
-                         hint=f"pip install -U 'mixbuild[{adapter.backend.key}]'")
+                         hint=f"pip install -U 'mixbuild[{adapter.backend.extra}]'")
 
 
 def check_ops(adapter: Adapter, ops: dict[str, str], mode: MoEMode) -> None:

@@ -12,21 +12,22 @@ MOE_MODES = ("plugin", "inline")
 
 def engine_command(artifact: str, out: str, backend: str = "tensorrt-rtx",
                    compute_capability: str | None = None, moe: str = "plugin",
-                   max_batch: int = 1, max_seq: int = 256, max_context: int = 1024,
+                   max_batch: int = 1, max_step_tokens: int = 256, max_context: int = 1024,
                    opt_level: int = 3, timing_cache: str | None = None, overwrite: bool = False,
                    progress: bool = True, echo=print) -> Path:
     """Build the engine and print one summary line; MixbuildError propagates to the CLI."""
     from mixbuild.builder.build import build_engine
-    from mixbuild.builder.manifest import ENGINE_MANIFEST
-    from mixbuild.inspect import human_bytes
+    from mixbuild.contract import ENGINE_MANIFEST_FILE
+    from mixbuild.progress import human_bytes
 
     path = build_engine(artifact, out, backend=backend, compute_capability=compute_capability,
-                        moe=moe, max_batch=max_batch, max_seq=max_seq, max_context=max_context,
+                        moe=moe, max_batch=max_batch, max_step_tokens=max_step_tokens,
+                        max_context=max_context,
                         opt_level=opt_level, timing_cache=timing_cache, overwrite=overwrite,
                         progress=progress)
-    manifest = json.loads((path / ENGINE_MANIFEST).read_text())
+    manifest = json.loads((path / ENGINE_MANIFEST_FILE).read_text())
     plugins = ", ".join(f"{p['name']} x{p['layers']}" for p in manifest["plugins"]) or "none"
-    echo(f"built {path} ({manifest['tensorrt']['backend']} {manifest['tensorrt']['version']}, "
+    echo(f"built {path} ({manifest['backend']} {manifest['tensorrt']['version']}, "
          f"SM {manifest['compute_capability']}, {manifest['precision']}, --moe {manifest['moe']}, "
          f"plugins: {plugins}; plan {human_bytes(manifest['plan']['bytes'])}) in "
          f"{manifest['build']['wall_s']:.1f} s")
@@ -37,6 +38,6 @@ def engine_command(artifact: str, out: str, backend: str = "tensorrt-rtx",
 
 
 def is_engine_dir(path: str | Path) -> bool:
-    from mixbuild.builder.manifest import ENGINE_MANIFEST
+    from mixbuild.contract import ENGINE_MANIFEST_FILE
 
-    return (Path(path) / ENGINE_MANIFEST).is_file()
+    return (Path(path) / ENGINE_MANIFEST_FILE).is_file()

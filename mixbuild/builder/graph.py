@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixbuild.builder.options import MoEMode
+from mixbuild.contract import DOMAIN, EXPERTS_OP, MOE_OPS, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from mixbuild.errors import ArtifactError
-from mixbuild.exporter.contract import (DOMAIN, EXPERTS_OP, MOE_OPS, PLUGIN_NAMESPACE,
-                                        PLUGIN_VERSION)
 
 PLUGIN_ATTRS = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
 INT4_WEIGHT_SLOTS = (3, 4)        # MoEExperts inputs w_gate_up, w_down

@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mixbuild.builder.manifest import PLAN_FILE, read_engine_manifest
+from mixbuild.builder.manifest import read_engine_manifest
+from mixbuild.contract import MOE_OPS, PLAN_FILE, PLUGIN_NAMESPACE
 from mixbuild.errors import ArtifactError
-from mixbuild.exporter.contract import MOE_OPS, PLUGIN_NAMESPACE
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.table import Table
 
 
 def inspect_engine(path: str | Path) -> dict[str, Any]:
@@ -35,7 +38,7 @@ def inspect_engine(path: str | Path) -> dict[str, Any]:
     items, source, note = _layers(manifest, plan)
     items = [{**item, "moe_plugin": is_moe_plugin(item)} for item in items]
     return {
-        "kind": "engine", "path": str(directory), "backend": manifest["tensorrt"]["backend"],
+        "kind": "engine", "path": str(directory), "backend": manifest["backend"],
         "version": manifest["tensorrt"]["version"],
         "compute_capability": manifest["compute_capability"], "moe": manifest["moe"],
         "precision": manifest["precision"], "dtype": manifest["dtype"],
@@ -80,8 +83,8 @@ def _inspector_layers(manifest: dict, plan: Path) -> list[dict]:
     module = manifest["tensorrt"]["module"]
     try:
         trt = importlib.import_module(module)
-    except ImportError:
-        raise _Unavailable(f"{module} is not installed here; layers as captured at build time") from None
+    except ImportError as exc:
+        raise _Unavailable(f"{module} is not installed here; layers as captured at build time") from exc
     local = local_compute_capability()
     wanted = ComputeCapability.parse(manifest["compute_capability"])
     if local != wanted:
@@ -114,7 +117,7 @@ def render_engine(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mixbuild.inspect import human_bytes
+    from mixbuild.progress import human_bytes
 
     console = Console()
     console.print(f"[bold]mixbuild engine[/] {report['path']}  {report['backend']} "

@@ -1,7 +1,8 @@
 """Engine build options as frozen, validated values (no option bags, no boolean soup).
 
-    Backend            which TensorRT: full TensorRT (builds for the local GPU) or TensorRT-RTX
-                       (builds ahead of time for a chosen compute capability, no GPU needed)
+    EngineBackend      (mixbuild.contract) which TensorRT: full TensorRT (builds for the local
+                       GPU) or TensorRT-RTX (builds ahead of time for a chosen compute
+                       capability, no GPU needed)
     MoEMode            plugin: MoE nodes become mixbuild's IPluginV3 layers;
                        inline: TensorRT imports the MoE nodes' ONNX function bodies
     ComputeCapability  an SM version such as 8.9
@@ -15,39 +16,10 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from mixbuild.contract import EngineBackend
 from mixbuild.errors import UsageError, choice
 
 MAX_OPT_LEVEL = 5   # TensorRT's builder optimisation levels are 0 (fastest build) .. 5
-
-
-class Backend(str, Enum):
-    TENSORRT = "tensorrt"
-    TENSORRT_RTX = "tensorrt-rtx"
-
-    @property
-    def module(self) -> str:
-        """The Python module that provides it."""
-        return {Backend.TENSORRT: "tensorrt", Backend.TENSORRT_RTX: "tensorrt_rtx"}[self]
-
-    @property
-    def key(self) -> str:
-        """Short key: the pip extra (mixbuild[trt] / mixbuild[trt-rtx]), the backend name
-        mixbuild.plugins.trt_plugins and the runtime's TrtRunner use."""
-        return {Backend.TENSORRT: "trt", Backend.TENSORRT_RTX: "trt-rtx"}[self]
-
-    @property
-    def label(self) -> str:
-        return {Backend.TENSORRT: "TensorRT", Backend.TENSORRT_RTX: "TensorRT-RTX"}[self]
-
-    @classmethod
-    def parse(cls, text: "str | Backend") -> "Backend":
-        if isinstance(text, Backend):
-            return text
-        for backend in cls:
-            if text in (backend.value, backend.key):
-                return backend
-        raise UsageError(f"unknown backend '{text}'", expected="tensorrt | tensorrt-rtx",
-                         found=repr(text))
 
 
 class MoEMode(str, Enum):
@@ -55,7 +27,7 @@ class MoEMode(str, Enum):
     INLINE = "inline"
 
     @classmethod
-    def parse(cls, text: "str | MoEMode") -> "MoEMode":
+    def parse(cls, text: str | MoEMode) -> MoEMode:
         return choice(cls, text, "--moe mode")
 
 
@@ -65,7 +37,7 @@ class ComputeCapability:
     minor: int
 
     @classmethod
-    def parse(cls, text: "str | ComputeCapability") -> "ComputeCapability":
+    def parse(cls, text: str | ComputeCapability) -> ComputeCapability:
         """'8.9', '89', 'sm89', 'SM_120' -> ComputeCapability."""
         if isinstance(text, ComputeCapability):
             return text
@@ -75,10 +47,10 @@ class ComputeCapability:
                 major, minor = (int(part) for part in raw.split("."))
             else:
                 major, minor = int(raw[:-1]), int(raw[-1])
-        except ValueError:
+        except ValueError as exc:
             raise UsageError(f"invalid compute capability '{text}'",
                              expected="MAJOR.MINOR, e.g. 8.9 (Ada) or 12.0 (Blackwell)",
-                             found=repr(text)) from None
+                             found=repr(text)) from exc
         if major <= 0 or not 0 <= minor <= 9:
             raise UsageError(f"invalid compute capability '{text}'", expected="e.g. 8.0, 8.9, 9.0")
         return cls(major, minor)
@@ -94,23 +66,25 @@ class ComputeCapability:
 
 @dataclass(frozen=True)
 class Limits:
-    """The engine's shape envelope: batch rows, new tokens per call (prefill chunk), and the
-    total context (past + new) a sequence may reach."""
+    """The engine's shape envelope: batch rows, tokens one call feeds (max_step_tokens: a prompt
+    or prompt chunk, the seq axis), and the total context (past + new) a sequence may reach
+    (max_context, the same name the runtime uses for it)."""
 
     max_batch: int = 1
-    max_seq: int = 256
+    max_step_tokens: int = 256
     max_context: int = 1024
 
-    def validate(self, max_positions: int | None = None) -> "Limits":
-        for name in ("max_batch", "max_seq", "max_context"):
+    def validate(self, max_positions: int | None = None) -> Limits:
+        for name in ("max_batch", "max_step_tokens", "max_context"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer",
                                  found=repr(value))
-        if self.max_seq > self.max_context:
-            raise UsageError("--max-seq exceeds --max-context",
+        if self.max_step_tokens > self.max_context:
+            raise UsageError("--max-step-tokens exceeds --max-context",
                              expected="new tokens per call <= total context",
-                             found=f"max_seq {self.max_seq} > max_context {self.max_context}")
+                             found=f"max_step_tokens {self.max_step_tokens} > "
+                                   f"max_context {self.max_context}")
         if self.max_context < 2:
             raise UsageError("--max-context must be at least 2 (a prompt token and one decode step)",
                              found=str(self.max_context))
@@ -122,16 +96,16 @@ class Limits:
 
 @dataclass(frozen=True)
 class BuildOptions:
-    backend: Backend = Backend.TENSORRT_RTX
+    backend: EngineBackend = EngineBackend.TENSORRT_RTX
     moe: MoEMode = MoEMode.PLUGIN
     compute_capability: ComputeCapability | None = None   # None: the local GPU's
     limits: Limits = Limits()
     opt_level: int = 3
     timing_cache: Path | None = None
 
-    def validate(self) -> "BuildOptions":
-        if not isinstance(self.backend, Backend) or not isinstance(self.moe, MoEMode):
-            raise UsageError("backend and moe must be Backend and MoEMode values",
+    def validate(self) -> BuildOptions:
+        if not isinstance(self.backend, EngineBackend) or not isinstance(self.moe, MoEMode):
+            raise UsageError("backend and moe must be EngineBackend and MoEMode values",
                              found=f"{self.backend!r}, {self.moe!r}")
         if not isinstance(self.opt_level, int) or not 0 <= self.opt_level <= MAX_OPT_LEVEL:
             raise UsageError("--opt-level is out of range", expected=f"0 .. {MAX_OPT_LEVEL}",
@@ -144,12 +118,12 @@ class BuildOptions:
 
     @classmethod
     def parse(cls, backend: str = "tensorrt-rtx", moe: str = "plugin",
-              compute_capability: str | None = None, max_batch: int = 1, max_seq: int = 256,
+              compute_capability: str | None = None, max_batch: int = 1, max_step_tokens: int = 256,
               max_context: int = 1024, opt_level: int = 3,
-              timing_cache: str | Path | None = None) -> "BuildOptions":
+              timing_cache: str | Path | None = None) -> BuildOptions:
         """Options from plain values (the CLI's strings); raises UsageError."""
-        return cls(backend=Backend.parse(backend), moe=MoEMode.parse(moe),
+        return cls(backend=EngineBackend.parse(backend), moe=MoEMode.parse(moe),
                    compute_capability=(None if compute_capability in (None, "")
                                        else ComputeCapability.parse(compute_capability)),
-                   limits=Limits(max_batch, max_seq, max_context), opt_level=opt_level,
+                   limits=Limits(max_batch, max_step_tokens, max_context), opt_level=opt_level,
                    timing_cache=Path(timing_cache) if timing_cache else None).validate()

@@ -2,8 +2,8 @@
 
 Two profiles, so that TensorRT tunes the two kinds of call separately:
 
-    prefill  seq 1..max_seq (opt max_seq), past 0..max_context-max_seq (opt 0): a prompt, or a
-             chunk of one appended to an existing cache; batch opt 1 (one long prompt).
+    prefill  seq 1..N (opt N), past 0..C-N (opt 0), N = max_step_tokens, C = max_context: a
+             prompt, or a chunk of one appended to an existing cache; batch opt 1 (one long prompt).
     decode   seq 1, past 1..max_context-1 (opt max_context/2), batch opt max_batch (the
              batched steady state).
     total_seq = past_seq + seq in both.
@@ -15,8 +15,8 @@ picks a profile with `select_profile` (the tightest profile containing the feed 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from mixbuild.builder.options import Limits
 from mixbuild.errors import ArtifactError, UsageError
@@ -60,7 +60,7 @@ class Profile:
 
 
 def make_profiles(limits: Limits) -> list[Profile]:
-    b, s, c = limits.max_batch, limits.max_seq, limits.max_context
+    b, s, c = limits.max_batch, limits.max_step_tokens, limits.max_context
     prefill = {"batch": DimRange(1, 1, b), "seq": DimRange(1, s, s),
                "past_seq": DimRange(0, 0, c - s), "total_seq": DimRange(1, s, c)}
     half = max(1, c // 2)
@@ -101,7 +101,7 @@ def select_profile(profiles: Sequence[Mapping], shapes: Mapping[str, Sequence[in
         raise UsageError("the feed shapes fit none of the engine's optimisation profiles",
                          expected=envelope,
                          found=", ".join(f"{k} {list(v)}" for k, v in shapes.items()),
-                         hint="rebuild the engine with larger --max-batch/--max-seq/--max-context")
+                         hint="rebuild the engine with larger --max-batch/--max-step-tokens/--max-context")
     return best
 
 

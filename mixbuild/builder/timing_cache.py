@@ -1,14 +1,13 @@
 """The builder's timing cache file: loaded when present, saved (atomically) after a build.
 
 Kernel timings are reused across builds of the same network shapes on the same GPU, which is
-most of the build time of a large engine at high optimisation levels. Full TensorRT only:
+most of the build time of a large engine at high optimisation levels. Saved with
+mixbuild.atomic.atomic_file. Full TensorRT only:
 TensorRT-RTX compiles kernels at run time and its timing-cache calls are no-ops (since 1.2).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,15 +34,10 @@ def attach(config, path: Path) -> AttachedCache:
 
 def save(attached: AttachedCache, path: Path) -> dict:
     """Write the (grown) cache back; returns what happened, for engine.json."""
+    from mixbuild.atomic import atomic_file
+
     data = bytes(memoryview(attached.cache.serialize()))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
     return {"path": str(path), "loaded_bytes": attached.loaded_bytes,
             "saved_bytes": len(data), "rejected_old_cache": attached.rejected}

@@ -20,8 +20,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mixbuild.errors import MixbuildError, UsageError
 
@@ -60,14 +60,15 @@ def _event_channel() -> Callable[[dict], None]:
 
 def build(request: dict, emit: Callable[[dict], None]) -> dict:
     from mixbuild.builder.adapter import Adapter
-    from mixbuild.builder.options import Backend, ComputeCapability
+    from mixbuild.builder.options import ComputeCapability
+    from mixbuild.contract import EngineBackend
 
-    adapter = Adapter.load(Backend.parse(request["backend"]))
+    adapter = Adapter.load(EngineBackend.parse(request["backend"]))
     trt = adapter.trt
     if request["moe"] == "plugin":
         from mixbuild.plugins.trt_plugins import register_plugins
 
-        register_plugins(adapter.backend.key)
+        register_plugins(adapter.backend)
     emit({"event": "stage", "name": "parsing the ONNX graph"})
     logger = adapter.logger(request.get("verbose", False))
     builder, network, parser = adapter.network(logger)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixbuild.exporter.contract import ONNX_FILE
+from mixbuild.contract import ONNX_FILE
 from mixbuild.exporter.manifest import read_manifest, verify_files
 from mixbuild.model.spec import MixtralSpec
 
@@ -18,7 +18,7 @@ class Artifact:
     spec: MixtralSpec
 
     @classmethod
-    def open(cls, path: str | Path, verify_hashes: bool = True) -> "Artifact":
+    def open(cls, path: str | Path, verify_hashes: bool = True) -> Artifact:
         path = Path(path)
         manifest = read_manifest(path)
         verify_files(path, manifest, hashes=verify_hashes)

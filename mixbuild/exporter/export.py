@@ -10,63 +10,41 @@ from __future__ import annotations
 
 import platform
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from mixbuild import __version__
-from mixbuild.atomic import atomic_directory, check_destination
+from mixbuild.atomic import atomic_directory, check_destination, scratch_directory
+from mixbuild.contract import (
+    ARTIFACT_KIND,
+    DATA_FILE,
+    DOMAIN,
+    DOMAIN_VERSION,
+    EXPERT_LOAD_PLOT,
+    ONNX_FILE,
+    OPSET,
+    DType,
+    Precision,
+    io_specs,
+)
 from mixbuild.errors import UsageError
-from mixbuild.exporter.contract import DATA_FILE, DOMAIN, DOMAIN_VERSION, ONNX_FILE, OPSET
 from mixbuild.exporter.functions import experts_function, gate_function
 from mixbuild.exporter.manifest import write_manifest
 from mixbuild.exporter.trace import trace
 from mixbuild.model.checkpoint import Checkpoint
-from mixbuild.model.reference import TORCH_DTYPES, weight_sources
-from mixbuild.model.spec import DType, MixtralSpec
-from mixbuild.runtime.runner import debug_output_names, input_names, output_names
-
-EXPORT_DTYPES = {"fp32": DType.FP32, "fp16": DType.FP16, "bf16": DType.BF16}
+from mixbuild.model.reference import weight_sources
+from mixbuild.model.spec import MixtralSpec
+from mixbuild.tensors import lazy_tensor
 
 
 def parse_dtype(text: str) -> DType:
-    if text not in EXPORT_DTYPES:
-        raise UsageError(f"unsupported --dtype '{text}'", expected=", ".join(EXPORT_DTYPES), found=text)
-    return EXPORT_DTYPES[text]
-
-
-def lazy_tensor(loader: Callable[[], torch.Tensor], dtype: torch.dtype | str, shape, name: str):
-    """An initializer whose data is produced by `loader` only when it is written.
-
-    dtype "int4" means the loader returns the packed uint8 bytes of an ONNX INT4 tensor."""
-    import onnx_ir as ir
-
-    if dtype == "int4":
-        def load_packed():
-            return ir.PackedTensor(loader().numpy(), ir.DataType.INT4, shape=shape, name=name)
-        return ir.LazyTensor(load_packed, dtype=ir.DataType.INT4, shape=ir.Shape(shape), name=name)
-
-    ir_dtype = ir.tensor_adapters.from_torch_dtype(dtype)
-
-    def load():  # a numpy-backed tensor is written with ndarray.tofile: no extra bytes copy
-        return ir.Tensor(as_numpy(loader().to(dtype)), dtype=ir_dtype, name=name)
-
-    return ir.LazyTensor(load, dtype=ir_dtype, shape=ir.Shape(shape), name=name)
-
-
-def as_numpy(t: torch.Tensor):
-    """A numpy view of a CPU tensor, with ml_dtypes for bfloat16 and float8 (no copy)."""
-    import ml_dtypes
-
-    t = t.contiguous()
-    views = {torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
-             torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn)}
-    if t.dtype in views:
-        raw, np_dtype = views[t.dtype]
-        return t.view(raw).numpy().view(np_dtype)
-    return t.numpy()
+    """The --dtype of an export: fp32 | fp16 | bf16."""
+    by_name = {d.short: d for d in DType}
+    if text not in by_name:
+        raise UsageError(f"unsupported --dtype '{text}'", expected=" | ".join(by_name), found=text)
+    return by_name[text]
 
 
 def attach_weights(onnx_model, ckpt: Checkpoint, dtype: torch.dtype) -> int:
@@ -113,16 +91,8 @@ def check_artifact_graph(path: Path) -> None:
 
 
 def io_table(spec: MixtralSpec, dtype: DType, debug: bool) -> dict[str, Any]:
-    kv = dtype.value
-    inputs = [{"name": n, "dtype": "int64"} for n in input_names(spec)[:3]]
-    inputs += [{"name": n, "dtype": kv} for n in input_names(spec)[3:]]
-    outputs = [{"name": "logits", "dtype": "float32"}]
-    outputs += [{"name": n, "dtype": kv} for n in output_names(spec)[1:]]
-    if debug:
-        outputs += [{"name": n, "dtype": "int32" if n.endswith("expert_ids") else
-                     ("float32" if n.endswith("router_logits") else kv)}
-                    for n in debug_output_names(spec)]
-    return {"inputs": inputs, "outputs": outputs}
+    inputs, outputs = io_specs(spec, dtype, debug)
+    return {"inputs": [t.to_dict() for t in inputs], "outputs": [t.to_dict() for t in outputs]}
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp32",
@@ -135,13 +105,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
     """
     out = Path(out)
     export_dtype = parse_dtype(dtype)
-    check_destination(out, overwrite)
+    inputs = [checkpoint] + ([quant.calib_file] if quant is not None and quant.calib_file else [])
+    check_destination(out, overwrite, ARTIFACT_KIND, inputs)
     ckpt = Checkpoint(checkpoint)
     ckpt.verify()
     spec = ckpt.spec
-    torch_dtype = TORCH_DTYPES[export_dtype.value]
-    with atomic_directory(out, overwrite) as tmp, tempfile.TemporaryDirectory(
-            prefix=f".{out.name}.quant-", dir=out.parent) as work:
+    torch_dtype = export_dtype.torch
+    with atomic_directory(out, ARTIFACT_KIND, overwrite, inputs) as tmp, \
+            scratch_directory(out) as work:
         calibration = store = None
         if quant is not None:
             from mixbuild.quant.calibrate import calibrate
@@ -161,13 +132,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
             from mixbuild.quant.report import plot_expert_load
 
             save_smoothing(calibration, tmp)
-            plot_expert_load(calibration, tmp / "expert_load.png")
+            plot_expert_load(calibration, tmp / EXPERT_LOAD_PLOT)
         write_manifest(tmp, {
-            "kind": "artifact",
+            "kind": ARTIFACT_KIND,
             "producer": {"name": "mixbuild", "version": __version__, "torch": torch.__version__,
                          "python": platform.python_version()},
             "spec": spec.to_dict(),
-            "precision": quant.precision.value if quant else export_dtype.short,
+            "precision": (quant.precision if quant else Precision.of_dtype(export_dtype)).value,
             "dtype": export_dtype.value,
             "opset": {"": OPSET, DOMAIN: DOMAIN_VERSION},
             "debug_outputs": debug_outputs,
@@ -190,8 +161,7 @@ def _apply_weights(onnx_model, ckpt: Checkpoint, torch_dtype, quant, calibration
         attach_weights(onnx_model, ckpt, torch_dtype)
         attach_functions(onnx_model, spec)
         return None
-    from mixbuild.quant.config import Precision
-    from mixbuild.quant.functions import FP8Weights, Int4Weights
+    from mixbuild.exporter.quant_functions import FP8Weights, Int4Weights
     from mixbuild.quant.report import summary
     from mixbuild.quant.rewrite import quantize_graph
 

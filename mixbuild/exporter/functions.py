@@ -14,12 +14,12 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from mixbuild.exporter.contract import DOMAIN, EXPERTS_OP, GATE_OP, OPSET
+from mixbuild.contract import DOMAIN, EXPERTS_OP, GATE_OP, OPSET
 
 PLUGIN_ATTRS = ["plugin_namespace", "plugin_version"]
 
 
-class _Body:
+class FunctionBody:
     """A tiny node-list builder with unique value names."""
 
     def __init__(self, prefix: str) -> None:
@@ -63,7 +63,7 @@ def gate_function() -> onnx.FunctionProto:
 
     ONNX TopK returns equal values lowest index first, which is the contract's tie rule.
     """
-    b = _Body("g")
+    b = FunctionBody("g")
     probs = b("Softmax", b("Cast", "router_logits", to=TensorProto.FLOAT), axis=-1)
     k = b("Reshape", b.const_from_attr("top_k", "value_int"), b.const([1]))
     values, indices = b("TopK", probs, k, outputs=2, axis=-1, largest=1, sorted=1)
@@ -83,16 +83,16 @@ class PlainWeights:
 
     extra_inputs: tuple[str, ...] = ()
 
-    def prologue(self, b: _Body) -> tuple[str, str, str]:
+    def prologue(self, b: FunctionBody) -> tuple[str, str, str]:
         """(input as the GEMMs see it, all experts' w_gate_up, all experts' w_down)."""
         return "hidden", "w_gate_up", "w_down"
 
-    def activation(self, b: _Body, x: str, which: str, expert: int) -> str:
+    def activation(self, b: FunctionBody, x: str, which: str, expert: int) -> str:
         """The activation entering GEMM `which` ('gate_up' or 'down') of `expert`."""
         return x
 
 
-def _group_by_expert(b: _Body, num_experts: int) -> tuple[str, str, list[str]]:
+def _group_by_expert(b: FunctionBody, num_experts: int) -> tuple[str, str, list[str]]:
     """Sort the T*k routing slots by expert, without NonZero (TensorRT-RTX cannot run it) or
     any reduction scatter (TensorRT's parser has none): every op here has a TensorRT importer.
 
@@ -117,7 +117,7 @@ def _group_by_expert(b: _Body, num_experts: int) -> tuple[str, str, list[str]]:
     return order, dest, parts
 
 
-def _swiglu(b: _Body, x: str, w_gate_up: str, w_down: str, scheme: PlainWeights, e: int) -> str:
+def _swiglu(b: FunctionBody, x: str, w_gate_up: str, w_down: str, scheme: PlainWeights, e: int) -> str:
     """x [n, H] -> w_down(silu(gate) * up) [n, H] with gate/up the halves of x @ w_gate_up^T."""
     x = scheme.activation(b, x, "gate_up", e)
     gate_up = b("MatMul", x, b("Transpose", w_gate_up, perm=[1, 0]))
@@ -136,7 +136,7 @@ def experts_function(num_experts: int, scheme: PlainWeights | None = None) -> on
     the k slots of each token in float32, as the kernels combine them.
     """
     scheme = scheme or PlainWeights()
-    b = _Body("x")
+    b = FunctionBody("x")
     x_all, w_gate_up_all, w_down_all = scheme.prologue(b)
     order, dest, bounds = _group_by_expert(b, num_experts)
     k = b("Slice", b("Shape", "expert_ids"), b.const([1]), b.const([2]))                  # [1]

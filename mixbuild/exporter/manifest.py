@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mixbuild.contract import ARTIFACT_FORMAT_VERSION, MANIFEST_FILE
 from mixbuild.errors import ArtifactError
-from mixbuild.exporter.contract import MANIFEST_FILE
 
-FORMAT_VERSION = 1
 _CHUNK = 16 * 1024 * 1024
 
 
@@ -29,7 +28,7 @@ def file_table(directory: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    manifest = {**manifest, "format_version": FORMAT_VERSION, "files": file_table(directory)}
+    manifest = {**manifest, "format_version": ARTIFACT_FORMAT_VERSION, "files": file_table(directory)}
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -45,10 +44,10 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: corrupt manifest", found=str(exc),
-                            hint="export the artifact again") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
+                            hint="export the artifact again") from exc
+    if manifest.get("format_version") != ARTIFACT_FORMAT_VERSION:
         raise ArtifactError(f"{path}: unsupported manifest format",
-                            expected=f"format_version {FORMAT_VERSION}",
+                            expected=f"format_version {ARTIFACT_FORMAT_VERSION}",
                             found=repr(manifest.get("format_version")))
     return manifest
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import onnx
 from onnx.defs import OpSchema
 
-from mixbuild.exporter.contract import DOMAIN, DOMAIN_VERSION, EXPERTS_OP, GATE_OP
+from mixbuild.contract import DOMAIN, DOMAIN_VERSION, EXPERTS_OP, GATE_OP
 
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 _WEIGHTS = _FLOATS + ["tensor(float8e4m3fn)", "tensor(uint8)", "tensor(int4)"]

@@ -14,12 +14,20 @@ import warnings
 
 import torch
 
+from mixbuild.contract import (
+    DOMAIN,
+    DOMAIN_VERSION,
+    EXPERTS_OP,
+    GATE_OP,
+    OPSET,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+    DType,
+    io_specs,
+)
 from mixbuild.exporter import schemas
-from mixbuild.exporter.contract import (DOMAIN, DOMAIN_VERSION, EXPERTS_OP, GATE_OP, OPSET,
-                                        PLUGIN_NAMESPACE, PLUGIN_VERSION)
 from mixbuild.model.reference import MixtralModel
 from mixbuild.model.spec import MixtralSpec
-from mixbuild.runtime.runner import debug_output_names, input_names, output_names
 
 
 def _translation_table():
@@ -55,23 +63,6 @@ def _example_inputs(spec: MixtralSpec, dtype: torch.dtype):
     return (ids, mask, positions, *kv), dynamic
 
 
-def _symbolic_shapes(spec: MixtralSpec, debug: bool) -> dict[str, list]:
-    kv_in = ["batch", spec.num_kv_heads, "past_seq", spec.head_dim]
-    kv_out = ["batch", spec.num_kv_heads, "total_seq", spec.head_dim]
-    shapes: dict[str, list] = {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "total_seq"],
-                               "position_ids": ["batch", "seq"], "logits": ["batch", "seq", spec.vocab_size]}
-    for name in input_names(spec)[3:]:
-        shapes[name] = kv_in
-    for name in output_names(spec)[1:]:
-        shapes[name] = kv_out
-    if debug:
-        for i in range(spec.num_layers):
-            shapes[f"debug.{i}.router_logits"] = ["tokens", spec.num_experts]
-            shapes[f"debug.{i}.expert_ids"] = ["tokens", spec.top_k]
-            shapes[f"debug.{i}.hidden"] = ["batch", "seq", spec.hidden_size]
-    return shapes
-
-
 def trace(spec: MixtralSpec, dtype: torch.dtype, debug: bool = False):
     """The ONNX graph (an onnx_ir.Model) of the reference model, with empty initializers."""
     import onnx_ir as ir
@@ -94,12 +85,11 @@ def trace(spec: MixtralSpec, dtype: torch.dtype, debug: bool = False):
         elif getattr(getattr(value.const_value, "raw", None), "is_meta", False):
             raise RuntimeError(f"traced constant '{name}' has no data (a tensor made on the meta "
                                "device inside forward); build it from Python scalars instead")
-    names = input_names(spec), output_names(spec) + (debug_output_names(spec) if debug else [])
-    shapes = _symbolic_shapes(spec, debug)
-    for values, wanted in zip((onnx_model.graph.inputs, onnx_model.graph.outputs), names):
-        for value, name in zip(values, wanted, strict=True):
-            value.name = name
-            value.shape = ir.Shape(shapes[name])
+    wanted = io_specs(spec, DType.parse(str(dtype)), debug)
+    for values, tensors in zip((onnx_model.graph.inputs, onnx_model.graph.outputs), wanted):
+        for value, tensor in zip(values, tensors, strict=True):
+            value.name = tensor.name
+            value.shape = ir.Shape(tensor.dims)
     with warnings.catch_warnings(), _quiet_logs():
         warnings.simplefilter("ignore")
         onnxscript.optimizer.optimize_ir(onnx_model)

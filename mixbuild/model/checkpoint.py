@@ -9,33 +9,26 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING
 
+from mixbuild.contract import DType
 from mixbuild.errors import CheckpointError
 from mixbuild.model.names import ExpectedTensor, expected_tensors, tensor_name
 from mixbuild.model.spec import MixtralSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
 
-_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
-
-
-class _LazyTorchDtypes(dict):
-    """safetensors dtype code -> torch dtype, resolved on first use (torch imports lazily)."""
-
-    def __missing__(self, code: str):
-        import torch
-
-        self.update({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16})
-        return self[code]
-
-
-_TORCH_DTYPES = _LazyTorchDtypes()
+# safetensors dtype codes of the weights mixbuild reads
+_SAFETENSORS_DTYPES = {"F32": DType.FP32, "F16": DType.FP16, "BF16": DType.BF16}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -66,27 +59,28 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(fh.read(header_len))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)", found=str(exc),
-                              hint="download the file again") from None
+                              hint="download the file again") from exc
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read weight file", found=str(exc)) from None
+        raise CheckpointError(f"{path}: cannot read weight file", found=str(exc)) from exc
     header.pop("__metadata__", None)
     infos: dict[str, TensorInfo] = {}
     data_end = 0
     for name, entry in header.items():
         try:
             dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: corrupt header entry for tensor '{name}'",
-                                  found=repr(entry)[:200], hint="download the file again") from None
-        if dtype not in _DTYPE_BYTES:
+                                  found=repr(entry)[:200], hint="download the file again") from exc
+        if dtype not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype",
                                   expected="F32, F16 or BF16", found=dtype)
         numel = 1
         for dim in shape:
             numel *= dim
-        if end - start != numel * _DTYPE_BYTES[dtype]:
+        nbytes = numel * _SAFETENSORS_DTYPES[dtype].nbytes
+        if end - start != nbytes:
             raise CheckpointError(f"{path}: tensor '{name}' has inconsistent byte range",
-                                  expected=f"{numel * _DTYPE_BYTES[dtype]} bytes for {dtype}{list(shape)}",
+                                  expected=f"{nbytes} bytes for {dtype}{list(shape)}",
                                   found=f"{end - start} bytes", hint="download the file again")
         data_end = max(data_end, end)
         infos[name] = TensorInfo(name, path, dtype, shape, end - start, 8 + header_len + start)
@@ -116,7 +110,7 @@ class Checkpoint:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{index_path}: corrupt index (no 'weight_map')",
-                                      found=str(exc)) from None
+                                      found=str(exc)) from exc
             files = sorted({self.path / f for f in weight_map.values()})
             for f in files:
                 if not f.is_file():
@@ -206,15 +200,15 @@ class Checkpoint:
                 raise CheckpointError(f"{info.file}: file is truncated while reading '{name}'",
                                       hint="the file changed after it was opened; fetch it again")
         if not buffer:
-            return torch.empty(info.shape, dtype=_TORCH_DTYPES[info.dtype])
-        return torch.frombuffer(buffer, dtype=_TORCH_DTYPES[info.dtype]).reshape(info.shape)
+            return torch.empty(info.shape, dtype=_SAFETENSORS_DTYPES[info.dtype].torch)
+        return torch.frombuffer(buffer, dtype=_SAFETENSORS_DTYPES[info.dtype].torch).reshape(info.shape)
 
     def weight(self, role: str, layer: int | None = None, expert: int | None = None):
         if role == "lm_head" and self.spec.tie_word_embeddings:
             role = "embed"
         return self.tensor(tensor_name(role, layer, expert))
 
-    def _stack(self, shape: tuple[int, ...], parts) -> "torch.Tensor":
+    def _stack(self, shape: tuple[int, ...], parts) -> torch.Tensor:
         """Fill one preallocated tensor part by part (no concatenation copies)."""
         import torch
 

@@ -7,8 +7,8 @@ present, with the shape the row gives.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from mixbuild.model.spec import MixtralSpec
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from mixbuild.contract import DType
 from mixbuild.errors import UsageError
-from mixbuild.model.spec import DType, MixtralSpec
+from mixbuild.model.spec import MixtralSpec
 
 PRESETS: dict[str, MixtralSpec] = {
     "mixtral-8x7b": MixtralSpec(
@@ -33,5 +34,5 @@ PRESETS: dict[str, MixtralSpec] = {
 def get_preset(name: str) -> MixtralSpec:
     try:
         return PRESETS[name]
-    except KeyError:
-        raise UsageError(f"unknown preset '{name}'", expected=", ".join(PRESETS), found=name) from None
+    except KeyError as exc:
+        raise UsageError(f"unknown preset '{name}'", expected=", ".join(PRESETS), found=name) from exc

@@ -18,8 +18,6 @@ from torch import Tensor, nn
 from mixbuild.model import ops  # noqa: F401  (registers torch.ops.mixbuild.*)
 from mixbuild.model.spec import MixtralSpec
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
@@ -151,7 +149,7 @@ class MixtralModel(nn.Module):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_checkpoint(cls, path_or_ckpt, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        debug: bool = False) -> "MixtralModel":
+                        debug: bool = False) -> MixtralModel:
         """Build the model and fill it from a checkpoint, one tensor at a time."""
         from mixbuild.model.checkpoint import Checkpoint
 

@@ -10,43 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from mixbuild.contract import DType, Precision
 from mixbuild.errors import ConfigError
-
-
-class DType(str, Enum):
-    FP32 = "float32"
-    FP16 = "float16"
-    BF16 = "bfloat16"
-
-    @property
-    def nbytes(self) -> int:
-        return 4 if self is DType.FP32 else 2
-
-    @property
-    def short(self) -> str:
-        return {DType.FP32: "fp32", DType.FP16: "fp16", DType.BF16: "bf16"}[self]
-
-    @classmethod
-    def parse(cls, value: str) -> "DType":
-        aliases = {"fp32": cls.FP32, "float": cls.FP32, "fp16": cls.FP16, "half": cls.FP16,
-                   "bf16": cls.BF16}
-        text = str(value).removeprefix("torch.")
-        if text in aliases:
-            return aliases[text]
-        try:
-            return cls(text)
-        except ValueError:
-            raise ConfigError(f"unsupported dtype '{value}'",
-                              expected="float32, float16 or bfloat16 (fp32, fp16, bf16)",
-                              found=str(value)) from None
-
-
-# Bytes per weight for the precisions mixbuild produces (int4 includes one fp16 scale per 128).
-PRECISION_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int4": 0.5 + 2.0 / 128}
 
 
 @dataclass(frozen=True)
@@ -101,7 +69,7 @@ class MixtralSpec:
 
     # ----------------------------------------------------------------- config.json
     @classmethod
-    def from_config(cls, config: dict[str, Any], source: str = "config.json") -> "MixtralSpec":
+    def from_config(cls, config: dict[str, Any], source: str = "config.json") -> MixtralSpec:
         model_type = config.get("model_type")
         if model_type != "mixtral":
             raise ConfigError(f"{source}: unsupported model_type",
@@ -138,7 +106,7 @@ class MixtralSpec:
         try:
             dtype = DType.parse(dtype)
         except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc.what}", expected=exc.expected, found=exc.found) from None
+            raise ConfigError(f"{source}: {exc.what}", expected=exc.expected, found=exc.found) from exc
         kwargs = dict(
             vocab_size=need("vocab_size"), hidden_size=hidden,
             intermediate_size=need("intermediate_size"), num_layers=need("num_hidden_layers"),
@@ -156,10 +124,10 @@ class MixtralSpec:
             return cls(**kwargs)
         except ConfigError as exc:  # name the file rather than the in-memory spec
             raise ConfigError(exc.what.replace("spec:", f"{source}:", 1), expected=exc.expected,
-                              found=exc.found, hint=exc.hint) from None
+                              found=exc.found, hint=exc.hint) from exc
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "MixtralSpec":
+    def from_file(cls, path: str | Path) -> MixtralSpec:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config not found: {path}",
@@ -167,7 +135,7 @@ class MixtralSpec:
         try:
             config = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON", found=str(exc)) from None
+            raise ConfigError(f"{path}: not valid JSON", found=str(exc)) from exc
         if not isinstance(config, dict):
             raise ConfigError(f"{path}: expected a JSON object", found=type(config).__name__)
         return cls.from_config(config, source=str(path))
@@ -194,14 +162,14 @@ class MixtralSpec:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MixtralSpec":
+    def from_dict(cls, data: dict[str, Any]) -> MixtralSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - fields
         if unknown:
             raise ConfigError("spec has unknown fields", found=", ".join(sorted(unknown)))
         return cls(**{**data, "dtype": DType.parse(data.get("dtype", "bfloat16"))})
 
-    def replace(self, **changes: Any) -> "MixtralSpec":
+    def replace(self, **changes: Any) -> MixtralSpec:
         return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------------- sizes
@@ -242,9 +210,10 @@ class MixtralSpec:
         high = counts["embedding"] + counts["router"] + counts["norms"] + counts["lm_head"]
         quantizable = counts["total"] - high
         out = {}
-        for name, nbytes in PRECISION_BYTES.items():
+        for precision in Precision:
+            nbytes = precision.bytes_per_weight
             keep = nbytes if nbytes >= 2 else 2.0
-            out[name] = int(quantizable * nbytes + high * keep)
+            out[precision.value] = int(quantizable * nbytes + high * keep)
         return out
 
 

@@ -65,7 +65,7 @@ class KernelConfig:
         return {_JSON_NAMES[key]: value for key, value in asdict(self).items()}
 
     @classmethod
-    def from_json(cls, data: dict, where: str = "config") -> "KernelConfig":
+    def from_json(cls, data: dict, where: str = "config") -> KernelConfig:
         unknown = set(data) - set(_JSON_NAMES.values())
         if unknown:
             raise ArtifactError(f"{where} has unknown keys",
@@ -127,7 +127,7 @@ def search_dirs() -> list[Path]:
     return ([Path(extra)] if extra else []) + [CONFIG_DIR]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_configs(E: int, N: int, K: int, device: str, dtype: str) -> dict[int, KernelConfig]:
     """{M: KernelConfig} from the first matching file in search_dirs(), or {} when none exists."""
     name = config_file_name(E, N, K, device, dtype)

@@ -23,10 +23,11 @@ import os
 import torch
 from torch import Tensor
 
+from mixbuild.contract import QuantScheme
 from mixbuild.errors import UsageError, require
 from mixbuild.plugins.align import align_capacity, moe_align
 from mixbuild.plugins.configs import KernelConfig, device_key, dtype_key, get_config
-from mixbuild.plugins.formats import DEFAULT_GROUP_SIZE, QuantScheme
+from mixbuild.plugins.formats import DEFAULT_GROUP_SIZE
 from mixbuild.plugins.problem import ExpertsProblem, describe_experts
 
 DISABLE_ENV = "MIXBUILD_DISABLE_TRITON"   # "1": register_cuda_kernels registers nothing

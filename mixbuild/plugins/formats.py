@@ -50,29 +50,17 @@ Everything here is plain torch and is the reference for the Triton kernels.
 
 from __future__ import annotations
 
-import enum
 import math
 
 import torch
 from torch import Tensor
 
-from mixbuild.errors import UsageError, choice
+from mixbuild.contract import QuantScheme
+from mixbuild.errors import UsageError
 
 FP8_MAX = 448.0
 INT4_MIN, INT4_MAX = -8, 7
 DEFAULT_GROUP_SIZE = 128
-
-
-class QuantScheme(str, enum.Enum):
-    """Weight format of the MoE experts (the `quantization` attribute of MoEExperts)."""
-
-    NONE = "none"
-    FP8 = "fp8"
-    INT4 = "int4"
-
-    @classmethod
-    def parse(cls, value: "QuantScheme | str") -> "QuantScheme":
-        return choice(cls, value, "MoE quantization scheme")
 
 
 # ----------------------------------------------------------------------------------------- FP8

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mixbuild.contract import QuantScheme
 from mixbuild.errors import UsageError
-from mixbuild.plugins.formats import QuantScheme, check_group_size
+from mixbuild.plugins.formats import check_group_size
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FP8_STORAGE = (torch.float8_e4m3fn, torch.uint8)

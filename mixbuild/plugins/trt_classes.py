@@ -7,12 +7,22 @@ Shape legend: T tokens, E experts, H hidden, I intermediate, k top-k.
 
 from __future__ import annotations
 
+from mixbuild.contract import PLUGIN_NAMESPACE, PLUGIN_VERSION, QuantScheme
 from mixbuild.errors import UsageError
-from mixbuild.plugins.formats import QuantScheme
-from mixbuild.plugins.trt_plugins import (
-    EXPERTS_PLUGIN, GATE_PLUGIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, QUANT_INPUTS, ExpertsAttrs,
-    GateAttrs, attrs_from_fields, attrs_to_items, device_tensor, field_value, make_fields,
-    torch_dtype, workspace_tensor)
+from mixbuild.plugins.trt_fields import (
+    EXPERTS_PLUGIN,
+    GATE_PLUGIN,
+    QUANT_INPUTS,
+    ExpertsAttrs,
+    GateAttrs,
+    attrs_from_fields,
+    attrs_to_items,
+    device_tensor,
+    field_value,
+    make_fields,
+    torch_dtype,
+    workspace_tensor,
+)
 
 
 def define(trt) -> dict[str, type]:

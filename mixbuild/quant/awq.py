@@ -10,7 +10,7 @@ the quantized graph has no extra op.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

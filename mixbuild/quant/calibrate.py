@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mixbuild.contract import Precision
 from mixbuild.errors import CheckpointError, UsageError
 from mixbuild.model.checkpoint import Checkpoint
 from mixbuild.model.reference import DecoderLayer, attention_bias, rope_tables
 from mixbuild.quant import awq
-from mixbuild.quant.config import Int4Method, Precision, QuantConfig
+from mixbuild.quant.config import Int4Method, QuantConfig
 from mixbuild.quant.quantize import QuantStore, SmoothedWeights, quantize_matrix
 
 # Standard-library modules whose source is the built-in calibration text: present wherever
@@ -125,7 +126,7 @@ def _calibrate_layer(layer: DecoderLayer, x: Tensor, attn_args, config: QuantCon
     hook.remove()
     x = x + attn
     moe_in = layer.post_norm(x)
-    moe, router_logits, ids = layer.moe(moe_in)
+    moe, _router_logits, ids = layer.moe(moe_in)
     num_experts = layer.moe.w_gate_up.shape[0]
     flat_attn, flat_moe = attn_in.reshape(-1, x.shape[-1]), moe_in.reshape(-1, x.shape[-1])
     swiglu = [_swiglu(flat_moe, layer.moe.w_gate_up[e]) for e in range(num_experts)]

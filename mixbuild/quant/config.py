@@ -6,12 +6,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from mixbuild.contract import Precision, quantized_precision
 from mixbuild.errors import UsageError, choice
-
-
-class Precision(str, Enum):
-    FP8 = "fp8"
-    INT4 = "int4"
 
 
 class Int4Method(str, Enum):
@@ -35,8 +31,9 @@ class QuantConfig:
         self.validate()
 
     def validate(self) -> None:
-        if not isinstance(self.precision, Precision):
-            raise UsageError("unknown precision", expected="fp8 | int4", found=repr(self.precision))
+        if not isinstance(self.precision, Precision) or not self.precision.quantized:
+            raise UsageError("unknown quantized precision", expected="fp8 | int4",
+                             found=repr(self.precision))
         if self.group_size <= 0 or self.group_size % 2:
             raise UsageError("--group-size must be a positive even number", found=str(self.group_size))
         if self.calib_tokens < self.calib_seq_len or self.calib_seq_len < 8:
@@ -47,10 +44,10 @@ class QuantConfig:
                              hint="pass a UTF-8 text file with --calib, or omit it for the built-in text")
 
     @classmethod
-    def parse(cls, precision: str, **kwargs) -> "QuantConfig":
+    def parse(cls, precision: str, **kwargs) -> QuantConfig:
         if "int4_method" in kwargs:
             kwargs["int4_method"] = choice(Int4Method, kwargs["int4_method"], "int4 method")
-        return cls(precision=choice(Precision, precision, "precision"), **kwargs)
+        return cls(precision=quantized_precision(precision), **kwargs)
 
     def to_dict(self) -> dict:
         return {"precision": self.precision.value, "int4_method": self.int4_method.value,

@@ -6,7 +6,7 @@ drops well below plain rounding; used for FP8 and INT4 weights (INT4 after AWQ s
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -9,16 +9,17 @@ mixbuild.plugins.formats, with linears as one-expert [1, N, K] tensors.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
 
+from mixbuild.contract import Precision
 from mixbuild.model.reference import weight_sources
 from mixbuild.plugins import formats
 from mixbuild.quant import gptq as G
-from mixbuild.quant.config import Precision, QuantConfig
+from mixbuild.quant.config import QuantConfig
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)")

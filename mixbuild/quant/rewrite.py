@@ -15,14 +15,14 @@ the weights here, so nothing extra runs at inference.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from mixbuild.exporter.contract import DOMAIN, EXPERTS_OP
+from mixbuild.contract import DOMAIN, EXPERTS_OP, Precision
 from mixbuild.plugins import formats
 from mixbuild.quant.calibrate import LayerCalibration
-from mixbuild.quant.config import Precision, QuantConfig
+from mixbuild.quant.config import QuantConfig
 from mixbuild.quant.quantize import QuantStore, SmoothedWeights
 
 _LINEAR = re.compile(r"layers\.(\d+)\.attn\.([qkvo])_proj\.weight")
@@ -58,7 +58,7 @@ class GraphQuantizer:
     def _initializer(self, name: str, loader: Callable[[], torch.Tensor], shape, dtype):
         import onnx_ir as ir
 
-        from mixbuild.exporter.export import lazy_tensor
+        from mixbuild.tensors import lazy_tensor
 
         ir_dtype = (ir.DataType.INT4 if dtype == "int4"
                     else ir.tensor_adapters.from_torch_dtype(dtype))
@@ -176,7 +176,7 @@ class GraphQuantizer:
 
     def attach_float_weights(self) -> None:
         """Every remaining empty initializer (norms, router, embeddings, lm_head), smoothed."""
-        from mixbuild.exporter.export import lazy_tensor
+        from mixbuild.tensors import lazy_tensor
 
         for name, value in self.graph.initializers.items():
             if value.const_value is None:

@@ -18,8 +18,8 @@ _EXPORTS = {
     "Model": "mixbuild.runtime.api",
     "TextStream": "mixbuild.runtime.api",
     "LoadOptions": "mixbuild.runtime.api",
-    "Backend": "mixbuild.runtime.api",
-    "Device": "mixbuild.runtime.api",
+    "Backend": "mixbuild.contract",
+    "Device": "mixbuild.contract",
     "Result": "mixbuild.runtime.generate",
     "Timings": "mixbuild.runtime.generate",
     "FinishReason": "mixbuild.runtime.generate",
@@ -31,7 +31,23 @@ _EXPORTS = {
     "cli_run": "mixbuild.runtime.cli",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Backend",
+    "Device",
+    "FinishReason",
+    "GenerationDefaults",
+    "IncrementalDetokenizer",
+    "KVCache",
+    "LoadOptions",
+    "Model",
+    "Result",
+    "SamplingParams",
+    "TextStream",
+    "Timings",
+    "Tokenizer",
+    "cli_run",
+    "load",
+]
 
 
 def __getattr__(name: str):

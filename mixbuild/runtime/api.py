@@ -16,37 +16,29 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
-from typing import Iterator, Sequence
 
+from mixbuild.contract import (
+    DATA_FILE,
+    ENGINE_MANIFEST_FILE,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    PLAN_FILE,
+    Backend,
+    Device,
+)
 from mixbuild.errors import ArtifactError, MissingDependencyError, UsageError, choice
 from mixbuild.model.spec import MixtralSpec
 from mixbuild.runtime.generate import Request, Result, run_batch
 from mixbuild.runtime.sampling import GenerationDefaults, SamplingParams, token_ids
 from mixbuild.runtime.tokenizer import Tokenizer
 
-MANIFEST = "mixbuild.json"
-ENGINE_FILES = ("engine.plan", "engine.json")
-
-
-class Backend(str, Enum):
-    AUTO = "auto"
-    ORT = "ort"
-    TORCH = "torch"
-    TRT = "trt"
-
-
-class Device(str, Enum):
-    CPU = "cpu"
-    CUDA = "cuda"
-
-
 # What each backend opens, for detection and for error messages.
-_OPENS = {Backend.ORT: "an ONNX artifact directory (mixbuild.json + model.onnx)",
+_OPENS = {Backend.ORT: f"an ONNX artifact directory ({MANIFEST_FILE} + {ONNX_FILE} + {DATA_FILE})",
           Backend.TORCH: "a Hugging Face checkpoint directory (config.json + *.safetensors)",
-          Backend.TRT: "a TensorRT engine directory (engine.plan + engine.json)"}
+          Backend.TRT: f"a TensorRT engine directory ({PLAN_FILE} + {ENGINE_MANIFEST_FILE})"}
 
 
 @dataclass(frozen=True)
@@ -54,20 +46,20 @@ class LoadOptions:
     backend: Backend = Backend.AUTO
     device: Device = Device.CPU
     max_batch: int = 8
-    max_seq: int | None = None
+    max_context: int | None = None
     threads: int | None = None
     io_binding: bool = False
     spinning: bool = True
 
     @classmethod
-    def parse(cls, backend: str, device: str, **rest) -> "LoadOptions":
+    def parse(cls, backend: str, device: str, **rest) -> LoadOptions:
         return cls(choice(Backend, backend, "backend"), choice(Device, device, "device"), **rest)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("max_batch", "max_seq", "threads"):
+        for name in ("max_batch", "max_context", "threads"):
             value = getattr(self, name)
             if name != "max_batch" and value is None:
                 continue
@@ -84,9 +76,9 @@ def detect_backend(path: Path) -> Backend:
     if not path.is_dir():
         raise ArtifactError(f"model directory not found: {path}",
                             expected=" or ".join(_OPENS.values()))
-    if (path / MANIFEST).is_file():
+    if (path / MANIFEST_FILE).is_file():
         return Backend.ORT
-    if all((path / f).is_file() for f in ENGINE_FILES):
+    if all((path / f).is_file() for f in (PLAN_FILE, ENGINE_MANIFEST_FILE)):
         return Backend.TRT
     if (path / "config.json").is_file():
         return Backend.TORCH
@@ -96,13 +88,13 @@ def detect_backend(path: Path) -> Backend:
 
 
 def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch: int = 8,
-         max_seq: int | None = None, threads: int | None = None, io_binding: bool = False,
-         spinning: bool = True) -> "Model":
+         max_context: int | None = None, threads: int | None = None, io_binding: bool = False,
+         spinning: bool = True) -> Model:
     """Open a model directory for generation.
 
     backend: "ort" (artifact dir), "torch" (checkpoint dir), "trt" (engine dir) or "auto"
     (picked from what the directory holds). max_batch bounds how many prompts run together;
-    max_seq caps prompt + generated tokens (default: the model's max_position_embeddings).
+    max_context caps prompt + generated tokens (default: the model's max_position_embeddings).
     threads sets the intra-op threads of ONNX Runtime / torch. io_binding=True makes the ort
     backend (CPU) bind its KV cache to preallocated ping-pong buffers (`BoundOrtStep`); the
     default feeds ONNX Runtime's own present outputs back as past (`FeedStep`), which measured
@@ -112,7 +104,7 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch
     but ~1.7x slower when other processes or thread pools (torch in the same process) compete
     for the cores; pass spinning=False on shared hosts.
     """
-    options = LoadOptions.parse(backend, device, max_batch=max_batch, max_seq=max_seq,
+    options = LoadOptions.parse(backend, device, max_batch=max_batch, max_context=max_context,
                                 threads=threads, io_binding=io_binding, spinning=spinning)
     path = Path(path)
     found = detect_backend(path)
@@ -218,18 +210,18 @@ class Model:
     @classmethod
     def from_runner(cls, runner, tokenizer: Tokenizer | None = None,
                     defaults: GenerationDefaults | None = None, max_batch: int = 8,
-                    max_seq: int | None = None) -> "Model":
+                    max_context: int | None = None) -> Model:
         """Generation over any object with the Runner contract (`spec`, `infer(feeds)`)."""
         from mixbuild.runtime.steps import FeedStep
 
-        options = LoadOptions(max_batch=max_batch, max_seq=max_seq)
+        options = LoadOptions(max_batch=max_batch, max_context=max_context)
         return cls(FeedStep(runner), runner.spec, tokenizer, defaults, options,
                    getattr(runner, "name", "custom"))
 
     @property
     def context_limit(self) -> int:
         limit = self.spec.max_position_embeddings
-        return min(limit, self.options.max_seq) if self.options.max_seq else limit
+        return min(limit, self.options.max_context) if self.options.max_context else limit
 
     def sampling(self, sampling: SamplingParams | None = None, **overrides) -> SamplingParams:
         """The sampling a call uses: `sampling` (a whole SamplingParams) or else the artifact's
@@ -242,7 +234,7 @@ class Model:
         """Generate for one prompt or a list; returns one Result per prompt, in order."""
         return self.generate_ids(self._encode_all(prompts), sampling, **overrides)
 
-    def stream(self, prompt: str, sampling: SamplingParams | None = None, **overrides) -> "TextStream":
+    def stream(self, prompt: str, sampling: SamplingParams | None = None, **overrides) -> TextStream:
         """Iterate over text pieces as tokens arrive; `.result` holds the Result afterwards."""
         return self.stream_ids(self._encode_all([prompt])[0], sampling, **overrides)
 
@@ -251,7 +243,7 @@ class Model:
         return self.generate_ids([self._need_tokenizer().encode_chat(messages)], sampling,
                                  **overrides)[0]
 
-    def stream_chat(self, messages: list[dict[str, str]], sampling=None, **overrides) -> "TextStream":
+    def stream_chat(self, messages: list[dict[str, str]], sampling=None, **overrides) -> TextStream:
         return self.stream_ids(self._need_tokenizer().encode_chat(messages), sampling, **overrides)
 
     # ----------------------------------------------------------------- token ids
@@ -263,7 +255,7 @@ class Model:
             pass
         return [r.result() for r in requests]
 
-    def stream_ids(self, prompt: Sequence[int], sampling=None, **overrides) -> "TextStream":
+    def stream_ids(self, prompt: Sequence[int], sampling=None, **overrides) -> TextStream:
         requests = self._requests([prompt], sampling, overrides)
         return TextStream(self._events(requests), requests[0])
 
@@ -316,7 +308,7 @@ class Model:
         limit = self.context_limit
         for i, p in enumerate(checked):
             if len(p) >= limit:
-                source = "max_seq" if limit == self.options.max_seq else "max_position_embeddings"
+                source = "max_context" if limit == self.options.max_context else "max_position_embeddings"
                 raise UsageError(f"prompt {i} is too long: {len(p)} tokens",
                                  expected=f"fewer than {limit} tokens, the context limit "
                                           f"({source}), to leave room for one new token",
@@ -327,8 +319,8 @@ class Model:
 def _token_list(prompt, index: int, vocab: int) -> list[int]:
     try:
         ids = [int(t) for t in prompt]
-    except (TypeError, ValueError):
-        raise UsageError(f"prompt {index} is not a list of token ids", found=repr(prompt)[:100]) from None
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"prompt {index} is not a list of token ids", found=repr(prompt)[:100]) from exc
     if not ids:
         raise UsageError(f"prompt {index} is empty", expected="at least one token")
     if min(ids) < 0 or max(ids) >= vocab:
@@ -345,7 +337,7 @@ class TextStream:
         self._request = request
         self.result: Result | None = None
 
-    def __iter__(self) -> "TextStream":
+    def __iter__(self) -> TextStream:
         return self
 
     def __next__(self) -> str:

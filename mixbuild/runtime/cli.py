@@ -4,7 +4,7 @@ latency figures users ask about (time to first token, tokens per second)."""
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import click
 

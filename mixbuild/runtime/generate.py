@@ -8,9 +8,9 @@ non-streaming generation are the same code: `generate` drains it, `stream` forwa
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import Iterator
 
 import numpy as np
 

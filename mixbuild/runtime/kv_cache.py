@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from mixbuild.contract import kv_pairs
 from mixbuild.model.spec import MixtralSpec
-from mixbuild.runtime.runner import input_names, output_names
 
 
 def cache_names(spec: MixtralSpec) -> list[tuple[str, str]]:
     """(past input name, present output name) for every cache tensor, in layer order."""
-    return list(zip(input_names(spec)[3:], output_names(spec)[1:]))
+    return kv_pairs(spec.num_layers)
 
 
 class KVCache:

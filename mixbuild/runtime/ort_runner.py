@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mixbuild.contract import DType, is_kv_input
 from mixbuild.errors import ArtifactError
 from mixbuild.exporter.artifact import Artifact
 
-_NP = {"float32": np.float32, "float16": np.float16}
+CPU_KV_DTYPES = (DType.FP32, DType.FP16)   # what ONNX Runtime's CPU kernels run
 
 
 class OrtRunner:
@@ -36,15 +37,16 @@ class OrtRunner:
                                                 providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ArtifactError(f"ONNX Runtime cannot load {self.artifact.onnx_path}",
-                                found=str(exc).splitlines()[0][:300]) from None
-        self.kv_dtype = _NP.get(self.artifact.manifest["dtype"])
-        if self.kv_dtype is None:
+                                found=str(exc).splitlines()[0][:300]) from exc
+        dtype = DType.parse(self.artifact.manifest["dtype"])
+        if dtype not in CPU_KV_DTYPES:
             raise ArtifactError(f"ONNX Runtime on CPU cannot run {self.artifact.manifest['dtype']} "
                                 "artifacts", hint="export with --dtype fp32 or fp16 for ONNX Runtime CPU")
+        self.kv_dtype = dtype.numpy
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        fixed = {k: (v.astype(self.kv_dtype, copy=False) if k.startswith("past_") else v)
+        fixed = {k: (v.astype(self.kv_dtype, copy=False) if is_kv_input(k) else v)
                  for k, v in feeds.items()}
         values = self.session.run(None, fixed)
         return dict(zip(self.output_names, values))

@@ -2,9 +2,8 @@
 
     runner.infer(feeds: dict[str, ndarray]) -> dict[str, ndarray]
 
-Feeds: input_ids int64 [B, S], attention_mask int64 [B, P+S], position_ids int64 [B, S],
-past_key_values.{i}.key / .value [B, Nkv, P, D]. Outputs: logits float32 [B, S, V],
-present.{i}.key / .value [B, Nkv, P+S, D].
+The feeds and outputs are the ONNX contract's (names and shapes in mixbuild.contract and
+docs/contract.md): token inputs and the past KV cache in, logits and the present cache out.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
+from mixbuild.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, kv_inputs, kv_pairs
 from mixbuild.model.spec import MixtralSpec
 
 
@@ -21,27 +21,6 @@ class Runner(Protocol):
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ...
-
-
-def input_names(spec: MixtralSpec) -> list[str]:
-    names = ["input_ids", "attention_mask", "position_ids"]
-    for i in range(spec.num_layers):
-        names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-    return names
-
-
-def output_names(spec: MixtralSpec) -> list[str]:
-    names = ["logits"]
-    for i in range(spec.num_layers):
-        names += [f"present.{i}.key", f"present.{i}.value"]
-    return names
-
-
-def debug_output_names(spec: MixtralSpec) -> list[str]:
-    names = []
-    for i in range(spec.num_layers):
-        names += [f"debug.{i}.router_logits", f"debug.{i}.expert_ids", f"debug.{i}.hidden"]
-    return names
 
 
 def left_pad(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,26 +43,20 @@ def positions_from_mask(attention_mask: np.ndarray, seq: int) -> np.ndarray:
 def prefill_feeds(spec: MixtralSpec, input_ids: np.ndarray, attention_mask: np.ndarray,
                   kv_dtype=np.float32) -> dict[str, np.ndarray]:
     batch, seq = input_ids.shape
-    feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
-             "position_ids": positions_from_mask(attention_mask, seq)}
+    feeds = {INPUT_IDS: input_ids.astype(np.int64), ATTENTION_MASK: attention_mask.astype(np.int64),
+             POSITION_IDS: positions_from_mask(attention_mask, seq)}
     empty = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=kv_dtype)
-    for i in range(spec.num_layers):
-        feeds[f"past_key_values.{i}.key"] = empty
-        feeds[f"past_key_values.{i}.value"] = empty
-    return feeds
+    return {**feeds, **dict.fromkeys(kv_inputs(spec.num_layers), empty)}
 
 
 def decode_feeds(spec: MixtralSpec, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
                  next_tokens: np.ndarray) -> dict[str, np.ndarray]:
     """Feeds for one decode step: the new tokens, the mask grown by one, present fed back as past."""
     batch = next_tokens.shape[0]
-    mask = np.concatenate([feeds["attention_mask"], np.ones((batch, 1), np.int64)], axis=1)
-    new = {"input_ids": next_tokens.reshape(batch, 1).astype(np.int64), "attention_mask": mask,
-           "position_ids": positions_from_mask(mask, 1)}
-    for i in range(spec.num_layers):
-        new[f"past_key_values.{i}.key"] = outputs[f"present.{i}.key"]
-        new[f"past_key_values.{i}.value"] = outputs[f"present.{i}.value"]
-    return new
+    mask = np.concatenate([feeds[ATTENTION_MASK], np.ones((batch, 1), np.int64)], axis=1)
+    new = {INPUT_IDS: next_tokens.reshape(batch, 1).astype(np.int64), ATTENTION_MASK: mask,
+           POSITION_IDS: positions_from_mask(mask, 1)}
+    return {**new, **{past: outputs[present] for past, present in kv_pairs(spec.num_layers)}}
 
 
 def greedy_steps(runner: Runner, spec: MixtralSpec, input_ids: np.ndarray, attention_mask: np.ndarray,
@@ -96,5 +69,5 @@ def greedy_steps(runner: Runner, spec: MixtralSpec, input_ids: np.ndarray, atten
         yield feeds, outputs
         if step == steps:
             return
-        tokens = forced[step] if forced is not None else outputs["logits"][:, -1].argmax(-1)
+        tokens = forced[step] if forced is not None else outputs[LOGITS][:, -1].argmax(-1)
         feeds = decode_feeds(spec, feeds, outputs, tokens)

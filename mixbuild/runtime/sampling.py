@@ -73,7 +73,7 @@ class SamplingParams:
                              found=f"top_k={self.top_k}, top_p={self.top_p}",
                              hint="pass temperature > 0 to sample, or drop top_k / top_p")
 
-    def replace(self, **changes: Any) -> "SamplingParams":
+    def replace(self, **changes: Any) -> SamplingParams:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise UsageError(f"unknown sampling option(s): {', '.join(unknown)}",
@@ -106,7 +106,7 @@ class GenerationDefaults:
     pad_token_id: int = 0
 
     @classmethod
-    def read(cls, directory: Path, spec_eos: int | list[int] | None) -> "GenerationDefaults":
+    def read(cls, directory: Path, spec_eos: int | list[int] | None) -> GenerationDefaults:
         path = Path(directory) / GENERATION_CONFIG
         config = json.loads(path.read_text()) if path.is_file() else {}
         eos = token_ids(config.get("eos_token_id", spec_eos))

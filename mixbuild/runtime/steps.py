@@ -32,6 +32,7 @@ from typing import Protocol
 
 import numpy as np
 
+from mixbuild.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
 from mixbuild.runtime.kv_cache import AdoptedCache, KVCache, OrtValueCache
 from mixbuild.runtime.runner import Runner
 
@@ -44,7 +45,7 @@ class Step(Protocol):
 
 
 def _token_feeds(input_ids, attention_mask, position_ids) -> dict[str, np.ndarray]:
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    return {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: position_ids}
 
 
 class FeedStep:
@@ -64,7 +65,7 @@ class FeedStep:
             feeds[past] = cache.past(index)
         outputs = self.runner.infer(feeds)
         cache.adopt(outputs, input_ids.shape[1])
-        return outputs["logits"][:, -1]
+        return outputs[LOGITS][:, -1]
 
 
 class BoundOrtStep:
@@ -89,7 +90,7 @@ class BoundOrtStep:
             io.bind_input(past, "cpu", 0, dtype, past_shape, src)
             io.bind_output(present, "cpu", 0, dtype, present_shape, dst)
         logits = cache.logits_buffer((batch, seq, self.spec.vocab_size))
-        _bind(io.bind_output, "logits", logits)
+        _bind(io.bind_output, LOGITS, logits)
         self.session.run_with_iobinding(io)
         cache.advance(seq)
         return logits[:, -1]
@@ -118,7 +119,7 @@ class OrtValueStep:
         for (past, present), value in zip(cache.names, cache.values):
             io.bind_ortvalue_input(past, value)
             io.bind_output(present, self.device, 0)
-        io.bind_output("logits", "cpu", 0)
+        io.bind_output(LOGITS, "cpu", 0)
         self.session.run_with_iobinding(io)
         outputs = io.get_outputs()  # in binding order: the presents, then the logits
         cache.adopt(list(outputs)[:-1], input_ids.shape[1])

@@ -33,7 +33,7 @@ class Tokenizer:
                         for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
 
     @classmethod
-    def from_dir(cls, directory: str | Path) -> "Tokenizer | None":
+    def from_dir(cls, directory: str | Path) -> Tokenizer | None:
         """The directory's tokenizer, or None when it has no tokenizer.json."""
         directory = Path(directory)
         path = directory / TOKENIZER_FILE
@@ -44,7 +44,7 @@ class Tokenizer:
         try:
             backend = Backend.from_file(str(path))
         except Exception as exc:  # the tokenizers library raises its own exception types
-            raise ArtifactError(f"cannot read {path}", found=str(exc)[:300]) from None
+            raise ArtifactError(f"cannot read {path}", found=str(exc)[:300]) from exc
         config_path = directory / TOKENIZER_CONFIG
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         template = config.get("chat_template")
@@ -109,7 +109,7 @@ def _compile(template: str):
     try:
         return env.from_string(template)
     except TemplateError as exc:
-        raise ArtifactError("the tokenizer's chat template does not parse", found=str(exc)) from None
+        raise ArtifactError("the tokenizer's chat template does not parse", found=str(exc)) from exc
 
 
 class IncrementalDetokenizer:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mixbuild.model.reference import TORCH_DTYPES, MixtralModel
-from mixbuild.runtime.runner import debug_output_names, input_names, output_names
+from mixbuild.contract import debug_output_names, input_names, is_kv_input, output_names
+from mixbuild.model.reference import MixtralModel
+from mixbuild.tensors import to_numpy
 
 
 class TorchRunner:
@@ -20,12 +21,13 @@ class TorchRunner:
         self.model = model
         self.spec = model.spec
         self.device = model.lm_head.weight.device
-        self._inputs = input_names(self.spec)
-        self._outputs = output_names(self.spec) + (debug_output_names(self.spec) if model.debug else [])
+        self._inputs = input_names(self.spec.num_layers)
+        self._outputs = output_names(self.spec.num_layers) + (
+            debug_output_names(self.spec.num_layers) if model.debug else [])
 
     @classmethod
     def from_checkpoint(cls, path, dtype: torch.dtype | None = torch.float32, debug: bool = False,
-                        device: str = "cpu") -> "TorchRunner":
+                        device: str = "cpu") -> TorchRunner:
         """dtype None keeps the checkpoint's own dtype."""
         if str(device).startswith("cuda"):
             from mixbuild.plugins.dispatch import register_cuda_kernels
@@ -34,7 +36,7 @@ class TorchRunner:
         if dtype is None:
             from mixbuild.model.checkpoint import Checkpoint
 
-            dtype = TORCH_DTYPES[Checkpoint(path).spec.dtype.value]
+            dtype = Checkpoint(path).spec.dtype.torch
         return cls(MixtralModel.from_checkpoint(path, dtype=dtype, device=device, debug=debug))
 
     @torch.inference_mode()
@@ -43,12 +45,7 @@ class TorchRunner:
         args = []
         for name in self._inputs:
             t = torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device)
-            args.append(t.to(dtype) if name.startswith("past_") else t)
+            args.append(t.to(dtype) if is_kv_input(name) else t)
         outs = self.model(*args)
         return {n: to_numpy(t) for n, t in zip(self._outputs, outs)}
 
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A tensor on any device as a host numpy array (bfloat16, which numpy lacks, as float32)."""
-    t = t.detach().cpu()
-    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()

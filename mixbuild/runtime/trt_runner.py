@@ -9,10 +9,10 @@ device-resident KV cache is future work). One execution context serves every cal
 lock.
 
 An engine directory holds ``engine.plan`` and ``engine.json`` (written by `mixbuild engine`,
-read with mixbuild.builder.manifest): this runner uses its ``spec``, ``backend`` ("trt" for
-tensorrt, "trt-rtx" for tensorrt_rtx), ``plugin_registration`` (MoE plugins registered before
-deserializing when the engine has them) and ``profiles`` (the tightest optimisation profile that
-holds each call's shapes is selected). Tensor names are the ONNX contract's.
+read with mixbuild.builder.manifest): this runner uses its ``spec``, ``backend`` (the
+contract's EngineBackend: "tensorrt" or "tensorrt-rtx"), ``plugin_registration`` (MoE plugins
+registered before deserializing when the engine has them) and ``profiles`` (the tightest
+optimisation profile that holds each call's shapes is selected). Tensor names are the ONNX contract's.
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mixbuild.contract import ENGINE_MANIFEST_FILE, PLAN_FILE, EngineBackend, input_names, output_names
 from mixbuild.errors import ArtifactError, UsageError
 from mixbuild.model.spec import MixtralSpec
-from mixbuild.runtime.runner import input_names, output_names
-
-PLAN_FILE = "engine.plan"
 
 
 class TrtRunner:
@@ -39,11 +37,11 @@ class TrtRunner:
         directory = Path(directory)
         self.manifest = read_engine_manifest(directory)
         if not isinstance(self.manifest.get("spec"), dict):
-            raise ArtifactError(f"{directory}/engine.json has no model spec",
+            raise ArtifactError(f"{directory / ENGINE_MANIFEST_FILE} has no model spec",
                                 expected="a 'spec' object", hint="build the engine again")
         self.spec = MixtralSpec.from_dict(self.manifest["spec"])
         self.profiles = self.manifest.get("profiles") or []
-        backend = self.manifest.get("backend", "trt")
+        backend = EngineBackend.parse(self.manifest["backend"])
         self.trt = trt = trt_module(backend)  # MissingDependencyError names the extra
         import torch
 
@@ -60,11 +58,11 @@ class TrtRunner:
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
         self.lock = threading.Lock()
-        self._inputs, self._outputs = input_names(self.spec), output_names(self.spec)
+        self._inputs, self._outputs = input_names(self.spec.num_layers), output_names(self.spec.num_layers)
         self.kv_dtype = self._numpy_dtype(self._inputs[3])
 
     def _torch_dtype(self, name: str):
-        from mixbuild.plugins.trt_plugins import torch_dtype
+        from mixbuild.plugins.trt_fields import torch_dtype
 
         return torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
 
@@ -76,7 +74,7 @@ class TrtRunner:
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from mixbuild.runtime.torch_runner import to_numpy
+        from mixbuild.tensors import to_numpy
 
         with self.lock, torch.cuda.stream(self.stream):
             self._select_profile(feeds)

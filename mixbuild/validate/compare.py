@@ -16,11 +16,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
+from mixbuild.contract import LOGITS, Debug
 from mixbuild.errors import ArtifactError, UsageError
 from mixbuild.model.spec import MixtralSpec
 from mixbuild.progress import track
@@ -80,26 +81,29 @@ class _LayerStats:
     def add(self, layer: int, ref: dict, art: dict, real: np.ndarray, k: int, near_tie_gap: float,
             keep_moe_inputs: bool) -> None:
         tokens = real.reshape(-1)
-        key = f"debug.{layer}."
-        if key + "hidden" in ref and key + "hidden" in art:
-            self.hidden.append(M.max_abs_error(ref[key + "hidden"][real], art[key + "hidden"][real]))
-        if key + "router_logits" not in ref or key + "router_logits" not in art:
+        hidden, router, moe_input = (kind.name_for(layer) for kind in
+                                     (Debug.HIDDEN, Debug.ROUTER_LOGITS, Debug.MOE_INPUT))
+        if hidden in ref and hidden in art:
+            self.hidden.append(M.max_abs_error(ref[hidden][real], art[hidden][real]))
+        if router not in ref or router not in art:
             return
-        ref_logits = ref[key + "router_logits"][tokens]
-        self.router.append(M.max_abs_error(ref_logits, art[key + "router_logits"][tokens]))
+        ref_logits = ref[router][tokens]
+        self.router.append(M.max_abs_error(ref_logits, art[router][tokens]))
         ref_ids, art_ids = (_chosen_experts(out, layer, k)[tokens] for out in (ref, art))
         flips = M.router_flips(ref_ids, art_ids)
         self.flips.append(flips)
         self.near_ties += M.near_tie_flips(flips, ref_logits, k, near_tie_gap)
-        if keep_moe_inputs and key + "moe_input" in ref:
-            self.moe_inputs.append(ref[key + "moe_input"][tokens])
+        if keep_moe_inputs and moe_input in ref:
+            self.moe_inputs.append(ref[moe_input][tokens])
             self.ref_ids.append(ref_ids)
 
 
 def _chosen_experts(outputs: dict, layer: int, k: int) -> np.ndarray:
     """debug.{i}.expert_ids, or the top-k of the router logits when a runner gives only those."""
-    ids = outputs.get(f"debug.{layer}.expert_ids")
-    return ids if ids is not None else M.routing_from_logits(outputs[f"debug.{layer}.router_logits"], k)
+    ids = outputs.get(Debug.EXPERT_IDS.name_for(layer))
+    if ids is not None:
+        return ids
+    return M.routing_from_logits(outputs[Debug.ROUTER_LOGITS.name_for(layer)], k)
 
 
 @dataclass
@@ -140,9 +144,9 @@ def _check_inputs(spec: MixtralSpec, batches: Sequence[Batch], steps: int) -> No
 def _infer_pair(reference: Runner, artifact: Runner, spec: MixtralSpec, batch: Batch, kv_dtype):
     ref = reference.infer(prefill_feeds(spec, batch.input_ids, batch.attention_mask))
     art = artifact.infer(prefill_feeds(spec, batch.input_ids, batch.attention_mask, kv_dtype))
-    if art["logits"].shape != ref["logits"].shape:
+    if art[LOGITS].shape != ref[LOGITS].shape:
         raise ArtifactError(f"{artifact.name}: logits have the wrong shape",
-                            expected=str(ref["logits"].shape), found=str(art["logits"].shape))
+                            expected=str(ref[LOGITS].shape), found=str(art[LOGITS].shape))
     return ref, art
 
 
@@ -152,7 +156,7 @@ def _teacher_forced(reference, artifact, spec, batches, tolerances, keep_moe_inp
     layers = [_LayerStats() for _ in range(spec.num_layers)]
     for batch in track(batches, total=len(batches), label="teacher-forced", enabled=progress):
         ref, art = _infer_pair(reference, artifact, spec, batch, kv_dtype)
-        logits.add(batch, ref["logits"], art["logits"])
+        logits.add(batch, ref[LOGITS], art[LOGITS])
         real = batch.attention_mask.astype(bool)
         for i, stats in enumerate(layers):
             stats.add(i, ref, art, real, spec.top_k, tolerances.router_near_tie_gap, keep_moe_inputs)
@@ -164,7 +168,7 @@ def _greedy_tokens(runner: Runner, spec: MixtralSpec, batch: Batch, steps: int, 
     tokens, margins = [], []
     for _, out in greedy_steps(runner, spec, batch.input_ids, batch.attention_mask, steps - 1,
                                kv_dtype=kv_dtype):
-        last = out["logits"][:, -1]
+        last = out[LOGITS][:, -1]
         tokens.append(last.argmax(-1))
         margins.append(M.logit_margin(last))
     return np.stack(tokens, axis=1), np.stack(margins, axis=1)

@@ -196,7 +196,7 @@ def load_prompts(path: str | Path, fmt: PromptFormat | str = PromptFormat.AUTO) 
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: prompts file is not UTF-8 text", found=str(exc)) from None
+        raise UsageError(f"{path}: prompts file is not UTF-8 text", found=str(exc)) from exc
     if fmt is PromptFormat.AUTO:
         first = next((line for line in text.splitlines() if line.strip()), "")
         fmt = PromptFormat.JSONL if first.lstrip().startswith("{") else PromptFormat.TEXT
@@ -236,7 +236,7 @@ def _parse_jsonl(text: str, path: Path) -> list[str]:
         except json.JSONDecodeError as exc:
             raise UsageError(f"{where}: not a JSON object", found=str(exc),
                              hint="JSONL needs one object per line; for plain text prompts "
-                                  "use the text format") from None
+                                  "use the text format") from exc
         prompts.append(_prompt_of(obj, where))
     return prompts
 
@@ -269,7 +269,7 @@ def load_tokenizer(path: str | Path):
         return Tokenizer.from_file(str(file))
     except Exception as exc:  # the tokenizers library raises plain Exception on bad files
         raise UsageError(f"{file}: cannot be read as a tokenizers tokenizer.json",
-                         found=str(exc).splitlines()[0][:200]) from None
+                         found=str(exc).splitlines()[0][:200]) from exc
 
 
 def encode_texts(tokenizer, texts: list[str], max_tokens: int, bos_id: int | None = None,

@@ -10,9 +10,10 @@ experts is gigabytes), as numpy float32 in mixbuild's stacked layout:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 

@@ -19,6 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
+from mixbuild.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    Debug,
+    past_key,
+    past_value,
+    present_key,
+    present_value,
+)
 from mixbuild.model.checkpoint import Checkpoint
 
 
@@ -47,19 +58,19 @@ class HFRunner:
 
     def _capture_router(self, index: int):
         def hook(module, args, output):  # (router_logits [T, E], weights [T, k], ids [T, k])
-            self._captured[f"debug.{index}.router_logits"] = output[0]
-            self._captured[f"debug.{index}.expert_ids"] = output[2].to(dtype=_int32())
+            self._captured[Debug.ROUTER_LOGITS.name_for(index)] = output[0]
+            self._captured[Debug.EXPERT_IDS.name_for(index)] = output[2].to(dtype=_int32())
         return hook
 
     def _capture_hidden(self, index: int):
         def hook(module, args, output):
-            self._captured[f"debug.{index}.hidden"] = output[0] if isinstance(output, tuple) else output
+            self._captured[Debug.HIDDEN.name_for(index)] = output[0] if isinstance(output, tuple) else output
         return hook
 
     def _capture_moe_input(self, index: int):
         def hook(module, args):
             x = args[0]
-            self._captured[f"debug.{index}.moe_input"] = x.reshape(-1, x.shape[-1])
+            self._captured[Debug.MOE_INPUT.name_for(index)] = x.reshape(-1, x.shape[-1])
         return hook
 
     def _cache(self, feeds):
@@ -68,10 +79,10 @@ class HFRunner:
 
         cache = DynamicCache(config=self.model.config)
         for i in range(self.spec.num_layers):
-            k = torch.from_numpy(np.ascontiguousarray(feeds[f"past_key_values.{i}.key"]))
+            k = torch.from_numpy(np.ascontiguousarray(feeds[past_key(i)]))
             if k.shape[2] == 0:
                 return cache
-            v = torch.from_numpy(np.ascontiguousarray(feeds[f"past_key_values.{i}.value"]))
+            v = torch.from_numpy(np.ascontiguousarray(feeds[past_value(i)]))
             cache.update(k.to(self.model.dtype), v.to(self.model.dtype), i)
         return cache
 
@@ -81,15 +92,15 @@ class HFRunner:
         self._captured.clear()
         with torch.inference_mode():
             out = self.model(
-                input_ids=torch.from_numpy(feeds["input_ids"]),
-                attention_mask=torch.from_numpy(feeds["attention_mask"]),
-                position_ids=torch.from_numpy(feeds["position_ids"]),
+                input_ids=torch.from_numpy(feeds[INPUT_IDS]),
+                attention_mask=torch.from_numpy(feeds[ATTENTION_MASK]),
+                position_ids=torch.from_numpy(feeds[POSITION_IDS]),
                 cache=self._cache(feeds), use_cache=True)
-        result = {"logits": out.logits.float().numpy()}
+        result = {LOGITS: out.logits.float().numpy()}
         for i in range(self.spec.num_layers):
             layer = out.cache.layers[i]
-            result[f"present.{i}.key"] = layer.keys.float().numpy()
-            result[f"present.{i}.value"] = layer.values.float().numpy()
+            result[present_key(i)] = layer.keys.float().numpy()
+            result[present_value(i)] = layer.values.float().numpy()
         for name, tensor in self._captured.items():
             result[name] = tensor.numpy() if not tensor.is_floating_point() else tensor.float().numpy()
         self._captured.clear()

@@ -151,8 +151,9 @@ class Divergence:
     """The first greedy step where two generations disagree.
 
     sequence: the row of the compared arrays (the caller may offset it to a global sequence
-    index); step: index of the generated token (0 = the token predicted by the prefill); margin: the reference's top-1 minus top-2 logit there (a small margin means a near tie
-    that any rounding can flip)."""
+    index); step: index of the generated token (0 = the token predicted by the prefill);
+    margin: the reference's top-1 minus top-2 logit there (a small margin means a near tie that
+    any rounding can flip)."""
 
     sequence: int
     step: int

@@ -14,15 +14,15 @@ null), skipped (metrics that could not be measured).
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mixbuild.errors import UsageError, require
+from mixbuild.contract import REPORT_FILE, REPORT_SCHEMA
+from mixbuild.errors import require
 from mixbuild.validate.result import Report
 
-SCHEMA = "mixbuild.validate/1"
+SCHEMA = REPORT_SCHEMA
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -35,45 +35,21 @@ def report_document(report: Report) -> dict[str, Any]:
     return {"schema": SCHEMA, "mixbuild_version": __version__, **doc}
 
 
-def write_report(report: Report, out_dir: str | Path, plot: bool = True) -> Path:
-    """Write report.json, report.md and (when `plot`) report.png into `out_dir`.
+def write_report(report: Report, out_dir: str | Path, plot: bool = True, overwrite: bool = False,
+                 inputs: Iterable[str | Path] = ()) -> Path:
+    """Write report.json, report.md and (when `plot`) report.png into `out_dir`, atomically
+    (mixbuild.atomic): an existing `out_dir` is replaced only with `overwrite` and only when it
+    is a mixbuild validation report; never when it is or holds one of `inputs`."""
+    from mixbuild.atomic import atomic_directory
 
-    The files are written to a temporary sibling directory and renamed into place only when all
-    are complete, so an interrupted run never leaves a partial report; an existing report
-    directory is replaced. Raises MissingDependencyError (extra 'plot') before writing anything
-    when `plot` is set and matplotlib is not installed."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"report path exists and is not a directory: {out_dir}")
     if plot:
         require("matplotlib", "plot", "the validation report plot")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        (tmp / "report.json").write_text(json.dumps(report_document(report), indent=2) + "\n")
+    with atomic_directory(out_dir, "report", overwrite, inputs) as tmp:
+        (tmp / REPORT_FILE).write_text(json.dumps(report_document(report), indent=2) + "\n")
         (tmp / "report.md").write_text(render_markdown(report))
         if plot:
             plot_report(report, tmp / "report.png")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    if not target.exists():
-        new.rename(target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    target.rename(old)
-    try:
-        new.rename(target)
-    except BaseException:
-        old.rename(target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    return Path(out_dir)
 
 
 # ----------------------------------------------------------------------------- text

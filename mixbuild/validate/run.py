@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from mixbuild.errors import UsageError
 from mixbuild.exporter.artifact import Artifact
 from mixbuild.model.checkpoint import Checkpoint
@@ -14,8 +13,10 @@ def validate_artifact(artifact_dir: str | Path, reference: str | Path, out: str 
                       prompts: str | Path | None = None, max_tokens: int = 128, steps: int = 16,
                       max_sequences: int | None = 8, batch_size: int = 4,
                       overrides: dict[str, float] | None = None, plot: bool = True,
-                      progress: bool = True):
-    """Validate; returns (report, report_dir or None)."""
+                      progress: bool = True, overwrite: bool = False):
+    """Validate; returns (report, report_dir or None). A report directory that would be refused
+    (mixbuild.atomic.check_destination) is refused before any work is done."""
+    from mixbuild.atomic import check_destination
     from mixbuild.exporter.weights import ArtifactWeights
     from mixbuild.runtime.ort_runner import OrtRunner
     from mixbuild.validate.compare import validate
@@ -25,6 +26,9 @@ def validate_artifact(artifact_dir: str | Path, reference: str | Path, out: str 
     from mixbuild.validate.report import write_report
     from mixbuild.validate.tolerances import load_tolerances
 
+    inputs = [p for p in (artifact_dir, reference, prompts) if p is not None]
+    if out is not None:
+        check_destination(out, overwrite, "report", inputs)
     artifact = Artifact.open(artifact_dir)
     ckpt = Checkpoint(reference)
     if ckpt.spec.replace(dtype=artifact.spec.dtype) != artifact.spec:
@@ -49,7 +53,8 @@ def validate_artifact(artifact_dir: str | Path, reference: str | Path, out: str 
     report = validate(hf, runner, artifact.spec, batches, steps,
                       load_tolerances(artifact.precision, overrides), experts,
                       artifact_kv_dtype=runner.kv_dtype, progress=progress)
-    report_dir = write_report(report, out, plot=plot) if out is not None else None
+    report_dir = (write_report(report, out, plot=plot, overwrite=overwrite, inputs=inputs)
+                  if out is not None else None)
     return report, report_dir
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+from mixbuild.contract import Precision
 from mixbuild.errors import UsageError
 from mixbuild.validate.result import Check
 
@@ -32,24 +34,6 @@ class Bound(str, Enum):
         if self is Bound.AT_LEAST:
             return value >= threshold
         return abs(value) <= threshold
-
-
-class Precision(str, Enum):
-    FP32 = "fp32"
-    FP16 = "fp16"
-    BF16 = "bf16"
-    FP8 = "fp8"
-    INT4 = "int4"
-
-    @classmethod
-    def parse(cls, value: "str | Precision") -> "Precision":
-        aliases = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-        text = str(getattr(value, "value", value)).lower()
-        try:
-            return cls(aliases.get(text, text))
-        except ValueError:
-            raise UsageError(f"unknown precision '{value}'",
-                             expected=", ".join(p.value for p in cls), found=str(value)) from None
 
 
 # metric name -> direction of its threshold (the metric keys of tolerances.json)
@@ -132,11 +116,11 @@ def load_table(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
         try:
             text = Path(path).read_text()
         except UnicodeDecodeError as exc:
-            raise UsageError(f"{path}: not UTF-8 text", found=str(exc)) from None
+            raise UsageError(f"{path}: not UTF-8 text", found=str(exc)) from exc
     try:
         table = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"{source}: not valid JSON", found=str(exc)) from None
+        raise UsageError(f"{source}: not valid JSON", found=str(exc)) from exc
     if not isinstance(table, dict):
         raise UsageError(f"{source}: expected a JSON object keyed by precision",
                          found=type(table).__name__)
@@ -171,8 +155,8 @@ def parse_override(text: str) -> tuple[str, float]:
     _check_keys({key: raw}, "tolerance override", required=False)
     try:
         return key, float(raw)
-    except ValueError:
-        raise UsageError(f"tolerance override '{key}' is not a number", found=raw.strip()) from None
+    except ValueError as exc:
+        raise UsageError(f"tolerance override '{key}' is not a number", found=raw.strip()) from exc
 
 
 def _check_keys(values: Mapping[str, Any], source: str, required: bool) -> None:

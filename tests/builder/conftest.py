@@ -15,7 +15,7 @@ import pytest
 
 PRECISIONS = ("fp16", "int4", "fp8")
 TARGET = "8.9"
-LIMITS = {"max_batch": 2, "max_seq": 16, "max_context": 64}
+LIMITS = {"max_batch": 2, "max_step_tokens": 16, "max_context": 64}
 BUILD_TIMES: dict[str, float] = {}
 
 

@@ -11,9 +11,8 @@ from collections import Counter
 
 import pytest
 
-from mixbuild.exporter.contract import MOE_OPS
+from mixbuild.contract import MOE_OPS, input_names, output_names
 from mixbuild.exporter.manifest import sha256_file
-from mixbuild.runtime.runner import input_names, output_names
 from tests.builder.conftest import LIMITS, PRECISIONS, TARGET, manifest
 
 DTYPES = {"fp16": "float16"}
@@ -29,8 +28,8 @@ def spec(artifacts):
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_engine_identity_and_provenance(trt, engines, artifacts, precision):
     m = manifest(engines[precision])
-    assert m["kind"] == "engine" and m["backend"] == "trt-rtx"
-    assert m["tensorrt"] == {"backend": "tensorrt-rtx", "module": "tensorrt_rtx",
+    assert m["kind"] == "engine" and m["backend"] == "tensorrt-rtx"
+    assert m["tensorrt"] == {"module": "tensorrt_rtx",
                              "version": trt.__version__,
                              "onnx_parser_version": trt.get_nv_onnx_parser_version()}
     assert (m["compute_capability"], m["moe"], m["precision"]) == (TARGET, "plugin", precision)
@@ -53,7 +52,7 @@ def test_engine_io_matches_the_onnx_contract(engines, spec, precision):
     m = manifest(engines[precision])
     inputs = {t["name"]: t for t in m["inputs"]}
     outputs = {t["name"]: t for t in m["outputs"]}
-    assert list(inputs) == input_names(spec) and list(outputs) == output_names(spec)
+    assert list(inputs) == input_names(spec.num_layers) and list(outputs) == output_names(spec.num_layers)
     kv, h, d = spec.num_kv_heads, spec.head_dim, spec.vocab_size
     for name in ("input_ids", "position_ids"):
         assert inputs[name] == {"name": name, "dtype": "int64", "shape": [-1, -1],
@@ -71,7 +70,7 @@ def test_engine_io_matches_the_onnx_contract(engines, spec, precision):
 def test_profiles_cover_prefill_and_decode(engines):
     m = manifest(engines["fp16"])
     prefill, decode = m["profiles"]
-    c, s, b = LIMITS["max_context"], LIMITS["max_seq"], LIMITS["max_batch"]
+    c, s, b = LIMITS["max_context"], LIMITS["max_step_tokens"], LIMITS["max_batch"]
     assert (prefill["name"], decode["name"]) == ("prefill", "decode")
     assert prefill["dims"] == {"batch": [1, 1, b], "seq": [1, s, s], "past_seq": [0, 0, c - s],
                                "total_seq": [1, s, c]}
@@ -89,7 +88,7 @@ def test_plugin_mode_maps_every_moe_node_to_a_mixbuild_plugin(engines, spec, pre
     plugin_layers = [item for item in layers["items"] if "plugin" in item]
     assert {item["type"] for item in plugin_layers} == {"PLUGIN_V3"}
     assert Counter(item["plugin"]["name"] for item in plugin_layers) == \
-        {op: spec.num_layers for op in MOE_OPS}
+        dict.fromkeys(MOE_OPS, spec.num_layers)
     assert m["plugins"] == [{"name": op, "namespace": "mixbuild", "version": "1",
                              "layers": spec.num_layers} for op in sorted(MOE_OPS)]
     types = Counter(item["type"] for item in layers["items"])

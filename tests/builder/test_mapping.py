@@ -64,7 +64,7 @@ def test_inline_mode_imports_the_function_bodies_even_with_plugins_registered(tr
     becomes ordinary layers: TopK per gate body, no plugin layer."""
     from mixbuild.plugins.trt_plugins import register_plugins
 
-    register_plugins("trt-rtx")
+    register_plugins("tensorrt-rtx")
     artifact = artifacts["fp16"]
     prepared = G.prepare(load(artifact), MoEMode.INLINE)
     logger = trt.Logger(trt.Logger.INTERNAL_ERROR)

@@ -80,11 +80,11 @@ def test_existing_output_without_overwrite(trt, artifacts, tmp_path):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"max_context": 4096}, "exceeds the model's max_position_embeddings"),
-    ({"max_seq": 128, "max_context": 64}, "--max-seq exceeds --max-context"),
+    ({"max_step_tokens": 128, "max_context": 64}, "--max-step-tokens exceeds --max-context"),
     ({"max_batch": 0}, "--max-batch must be a positive integer"),
     ({"opt_level": 6}, "--opt-level is out of range"),
     ({"compute_capability": "ampere"}, "invalid compute capability"),
-    ({"backend": "onnxruntime"}, "unknown backend"),
+    ({"backend": "onnxruntime"}, "unknown TensorRT backend"),
     ({"moe": "dense"}, "unknown --moe mode"),
 ])
 def test_bad_options(artifacts, tmp_path, kwargs, match):

@@ -8,8 +8,9 @@ import pytest
 
 from mixbuild.builder import timing_cache
 from mixbuild.builder.adapter import Adapter
-from mixbuild.builder.options import Backend, BuildOptions, ComputeCapability, Limits, MoEMode
-from mixbuild.builder.profiles import Profile, DimRange, make_profiles, select_profile
+from mixbuild.builder.options import BuildOptions, ComputeCapability, Limits, MoEMode
+from mixbuild.builder.profiles import DimRange, Profile, make_profiles, select_profile
+from mixbuild.contract import EngineBackend
 from mixbuild.errors import ArtifactError, UsageError
 
 
@@ -29,13 +30,16 @@ def test_compute_capability_order_and_errors():
 
 
 def test_backend_and_mode_parse():
-    assert Backend.parse("trt-rtx") is Backend.parse("tensorrt-rtx") is Backend.TENSORRT_RTX
-    assert (Backend.TENSORRT.module, Backend.TENSORRT.key) == ("tensorrt", "trt")
-    assert (Backend.TENSORRT_RTX.module, Backend.TENSORRT_RTX.key) == ("tensorrt_rtx", "trt-rtx")
+    assert EngineBackend.parse("tensorrt-rtx") is EngineBackend.TENSORRT_RTX
+    assert (EngineBackend.TENSORRT.module, EngineBackend.TENSORRT.extra) == ("tensorrt", "trt")
+    rtx = EngineBackend.TENSORRT_RTX
+    assert (rtx.module, rtx.extra) == ("tensorrt_rtx", "trt-rtx")
+    with pytest.raises(UsageError, match="unknown TensorRT backend 'trt-rtx'"):
+        EngineBackend.parse("trt-rtx")  # one spelling: the pip extra's name is not a backend
     assert MoEMode.parse("inline") is MoEMode.INLINE
-    options = BuildOptions.parse(backend="trt", moe="inline", compute_capability="9.0",
+    options = BuildOptions.parse(backend="tensorrt", moe="inline", compute_capability="9.0",
                                  max_batch=4, timing_cache="cache.bin")
-    assert options == BuildOptions(Backend.TENSORRT, MoEMode.INLINE, ComputeCapability(9, 0),
+    assert options == BuildOptions(EngineBackend.TENSORRT, MoEMode.INLINE, ComputeCapability(9, 0),
                                    Limits(4, 256, 1024), 3, Path("cache.bin"))
 
 
@@ -48,7 +52,7 @@ def test_limits_validate():
 
 
 def test_profiles_follow_the_symbolic_dims():
-    prefill, decode = make_profiles(Limits(max_batch=4, max_seq=32, max_context=128))
+    prefill, decode = make_profiles(Limits(max_batch=4, max_step_tokens=32, max_context=128))
     inputs = {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "total_seq"],
               "past_key_values.0.key": ["batch", 2, "past_seq", 16]}
     assert prefill.shapes(inputs) == {
@@ -73,7 +77,7 @@ def test_select_profile_picks_the_tightest_fit():
 
 
 def test_rtx_targets_and_flags(trt):
-    adapter = Adapter.load(Backend.TENSORRT_RTX)
+    adapter = Adapter.load(EngineBackend.TENSORRT_RTX)
     targets = [str(cc) for cc in adapter.targets()]
     assert {"7.5", "8.0", "8.6", "8.9", "12.0"} <= set(targets) and "9.0" not in targets
     assert adapter.ahead_of_time and not adapter.timing_cache_supported
@@ -85,7 +89,7 @@ def test_rtx_library_alias_points_at_the_installed_library(trt, tmp_path):
     layer; the build process gets an alias to the wheel's libtensorrt_rtx.so.N."""
     import tensorrt_rtx_libs
 
-    env = Adapter.load(Backend.TENSORRT_RTX).worker_env(tmp_path)
+    env = Adapter.load(EngineBackend.TENSORRT_RTX).worker_env(tmp_path)
     libs = Path(tensorrt_rtx_libs.__file__).parent
     if (libs / "libtensorrt_rtx.so").exists():          # an SDK-style install needs no alias
         assert not (tmp_path / "lib").exists()

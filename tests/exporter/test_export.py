@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import pytest
 
+from mixbuild.contract import DOMAIN
 from mixbuild.errors import ArtifactError, UsageError
-from mixbuild.exporter.contract import DOMAIN
 from mixbuild.exporter.export import export_checkpoint
 from mixbuild.model.presets import PRESETS
 from mixbuild.runtime.ort_runner import OrtRunner
@@ -56,7 +56,8 @@ def test_graph_contract(artifacts):
     onnx.checker.check_model(str(path / "model.onnx"), full_check=True)
     model = onnx.load(str(path / "model.onnx"), load_external_data=False)
     custom = [n for n in model.graph.node if n.domain == DOMAIN]
-    assert sorted(n.op_type for n in custom) == ["MoEExperts"] * spec.num_layers + ["MoEGate"] * spec.num_layers
+    layers = spec.num_layers
+    assert sorted(n.op_type for n in custom) == ["MoEExperts"] * layers + ["MoEGate"] * layers
     gate = next(n for n in custom if n.op_type == "MoEGate")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gate.attribute}
     assert attrs["top_k"] == 1 and attrs["normalize"] == 1 and attrs["plugin_namespace"] == b"mixbuild"

@@ -1,8 +1,9 @@
 import pytest
 
+from mixbuild.contract import DType
 from mixbuild.errors import ConfigError
 from mixbuild.model.presets import PRESETS
-from mixbuild.model.spec import DType, MixtralSpec
+from mixbuild.model.spec import MixtralSpec
 
 
 def test_presets_round_trip_through_config_json():

@@ -12,11 +12,11 @@ import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from mixbuild.plugins import triton_kernels as K  # noqa: E402
+from mixbuild.plugins import triton_kernels as K
 
 BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 # scheme, activation, weight, intermediate, weight-scale pointer types, per channel

@@ -20,8 +20,7 @@ import torch  # noqa: E402
 
 from mixbuild.model.ops import experts_reference, gate_reference  # noqa: E402
 from mixbuild.plugins import formats as F  # noqa: E402
-from mixbuild.plugins.dispatch import (moe_experts_triton, moe_gate_triton,  # noqa: E402
-                                       register_cuda_kernels)
+from mixbuild.plugins.dispatch import moe_experts_triton, moe_gate_triton, register_cuda_kernels  # noqa: E402
 from tests.plugins.helpers import swiglu_amax  # noqa: E402
 
 

@@ -12,45 +12,52 @@ import importlib.util
 import pytest
 import torch
 
+from mixbuild.contract import PLUGIN_NAMESPACE, PLUGIN_VERSION
 from mixbuild.errors import MissingDependencyError, UsageError
 from mixbuild.model.ops import gate_reference
 from mixbuild.plugins import formats as F
+from mixbuild.plugins import trt_fields as Fd
 from mixbuild.plugins import trt_plugins as P
 from tests.plugins.helpers import expert_weights, needs_triton
-
 
 # -------------------------------------------------------------------- without TensorRT at all
 
 def test_trt_module_names_the_extra(monkeypatch):
-    monkeypatch.setitem(P.BACKEND_MODULES, "trt", "tensorrt_surely_missing")
+    real = importlib.import_module
+
+    def missing(name, *args):
+        if name == "tensorrt":
+            raise ImportError("No module named 'tensorrt'")
+        return real(name, *args)
+    monkeypatch.setattr(importlib, "import_module", missing)
     with pytest.raises(MissingDependencyError) as info:
-        P.trt_module("trt")
-    assert "mixbuild[trt]" in str(info.value) and "tensorrt_surely_missing" in str(info.value)
-    with pytest.raises(UsageError, match="trt | trt-rtx"):
+        P.trt_module("tensorrt")
+    assert "pip install 'mixbuild[trt]'" in str(info.value) and "'tensorrt'" in str(info.value)
+    with pytest.raises(UsageError, match=r"backend 'onnxruntime'\n  expected: tensorrt \| tensorrt-rtx\n"):
         P.trt_module("onnxruntime")
 
 
 def test_attribute_parsing():
-    gate = P.attrs_from_fields(P.GateAttrs, [("top_k", 2), ("normalize", 0), ("extra", 7)])
-    assert gate == P.GateAttrs(top_k=2, normalize=False)
-    experts = P.attrs_from_fields(P.ExpertsAttrs, [("quantization", "int4"), ("group_size", 64)])
+    gate = Fd.attrs_from_fields(Fd.GateAttrs, [("top_k", 2), ("normalize", 0), ("extra", 7)])
+    assert gate == Fd.GateAttrs(top_k=2, normalize=False)
+    experts = Fd.attrs_from_fields(Fd.ExpertsAttrs, [("quantization", "int4"), ("group_size", 64)])
     assert experts.quantization is F.QuantScheme.INT4 and experts.num_inputs == 7
-    assert P.attrs_from_fields(P.ExpertsAttrs, []).num_inputs == 5
-    assert P.attrs_from_fields(P.ExpertsAttrs, [("quantization", "fp8")]).num_inputs == 9
-    assert P.attrs_to_items(experts) == [("activation", "silu"), ("quantization", "int4"),
+    assert Fd.attrs_from_fields(Fd.ExpertsAttrs, []).num_inputs == 5
+    assert Fd.attrs_from_fields(Fd.ExpertsAttrs, [("quantization", "fp8")]).num_inputs == 9
+    assert Fd.attrs_to_items(experts) == [("activation", "silu"), ("quantization", "int4"),
                                          ("group_size", 64)]
 
 
 @pytest.mark.parametrize("cls, items, match", [
-    (P.GateAttrs, [("normalize", 1)], "top_k"),
-    (P.GateAttrs, [("top_k", 0)], "positive"),
-    (P.ExpertsAttrs, [("quantization", "int4")], "group_size"),
-    (P.ExpertsAttrs, [("activation", "gelu")], "activation"),
-    (P.ExpertsAttrs, [("quantization", "int8")], "scheme"),
+    (Fd.GateAttrs, [("normalize", 1)], "top_k"),
+    (Fd.GateAttrs, [("top_k", 0)], "positive"),
+    (Fd.ExpertsAttrs, [("quantization", "int4")], "group_size"),
+    (Fd.ExpertsAttrs, [("activation", "gelu")], "activation"),
+    (Fd.ExpertsAttrs, [("quantization", "int8")], "scheme"),
 ])
 def test_bad_attributes(cls, items, match):
     with pytest.raises(UsageError, match=match):
-        P.attrs_from_fields(cls, items)
+        Fd.attrs_from_fields(cls, items)
 
 
 # --------------------------------------------------------------------------- with tensorrt_rtx
@@ -59,18 +66,18 @@ def test_bad_attributes(cls, items, match):
 def trt():
     if importlib.util.find_spec("tensorrt_rtx") is None:
         pytest.skip("tensorrt_rtx is not installed (pip install tensorrt-rtx)")
-    return P.trt_module("trt-rtx")
+    return P.trt_module("tensorrt-rtx")
 
 
 @pytest.fixture(scope="module")
 def creators(trt):
-    return {c.name: c for c in P.register_plugins("trt-rtx")}
+    return {c.name: c for c in P.register_plugins("tensorrt-rtx")}
 
 
 def onnx_fields(trt, **attrs):
     """Fields as TensorRT's ONNX parser passes node attributes (INT32 ints, CHAR strings), and
     the arrays they point into (keep them alive)."""
-    return P.make_fields(trt, list(attrs.items()))
+    return Fd.make_fields(trt, list(attrs.items()))
 
 
 def desc(trt, type_name, dims=(4, 8)):
@@ -84,18 +91,18 @@ def desc(trt, type_name, dims=(4, 8)):
 
 def test_creators_register_in_the_mixbuild_namespace(trt, creators):
     registry = trt.get_plugin_registry()
-    for name in (P.GATE_PLUGIN, P.EXPERTS_PLUGIN):
-        found = registry.get_creator(name, P.PLUGIN_VERSION, P.PLUGIN_NAMESPACE)
+    for name in (Fd.GATE_PLUGIN, Fd.EXPERTS_PLUGIN):
+        found = registry.get_creator(name, PLUGIN_VERSION, PLUGIN_NAMESPACE)
         assert found is creators[name]
         assert found.plugin_namespace == "mixbuild" and found.plugin_version == "1"
         assert len(found.field_names) >= 2
-    assert P.register_plugins("trt-rtx") == list(creators.values())     # idempotent
+    assert P.register_plugins("tensorrt-rtx") == list(creators.values())     # idempotent
 
 
 def test_gate_plugin_types_shapes_formats(trt, creators):
     fields, _keep = onnx_fields(trt, top_k=3, normalize=1)
     plugin = creators["MoEGate"].create_plugin("gate", fields, trt.TensorRTPhase.BUILD)
-    assert plugin.attrs == P.GateAttrs(top_k=3, normalize=True)
+    assert plugin.attrs == Fd.GateAttrs(top_k=3, normalize=True)
     assert plugin.num_outputs == 2 and plugin.plugin_namespace == "mixbuild"
     assert plugin.get_output_data_types([trt.DataType.BF16]) == [trt.DataType.FLOAT,
                                                                  trt.DataType.INT32]
@@ -121,7 +128,7 @@ def test_fields_serialize_and_deserialize(trt, creators):
                                 plugin_version="1")
     plugin = creators["MoEExperts"].create_plugin("experts", fields, trt.TensorRTPhase.BUILD)
     serialized = plugin.get_fields_to_serialize()
-    values = {f.name: P.field_value(trt, f) for f in serialized}
+    values = {f.name: Fd.field_value(trt, f) for f in serialized}
     assert values == {"activation": "silu", "quantization": "int4", "group_size": 128}
     again = creators["MoEExperts"].create_plugin("experts", serialized, trt.TensorRTPhase.RUNTIME)
     assert again.attrs == plugin.attrs and again.phase == trt.TensorRTPhase.RUNTIME
@@ -152,15 +159,18 @@ def test_experts_plugin_formats(trt, creators, scheme, weight, scale, ok_weight)
 
 
 def test_experts_workspace_size_uses_the_profile_maximum(trt, creators):
-    from mixbuild.plugins.dispatch import experts_workspace_bytes
-
     fields, _keep = onnx_fields(trt, quantization="none")
     plugin = creators["MoEExperts"].create_plugin("experts", fields, trt.TensorRTPhase.BUILD)
     E, H, I, T, k = 8, 64, 96, 512, 2
     io = [desc(trt, "HALF", (T, H)), desc(trt, "FLOAT", (T, k)), desc(trt, "INT32", (T, k)),
           desc(trt, "HALF", (E, 2 * I, H)), desc(trt, "HALF", (E, H, I))]
+    for d in io[:3]:                   # the build-time dims are 1 token; the profile max is T
+        d.desc.dims = trt.Dims([1, *list(d.max)[1:]])
+    # S = T*k = 1024 slots; padded capacity at M=256: 1024 + 8*255 = 3064 -> 3072; every
+    # buffer rounded up to 256 bytes: sorted slots 3072*4 = 12288, block experts 3072/16*4 = 768,
+    # padded count 4 -> 256, intermediate 1024*96*2 = 196608, per-slot out 1024*64*2 = 131072
     assert plugin.get_workspace_size(io, [desc(trt, "HALF", (T, H))]) == \
-        experts_workspace_bytes(T, k, E, H, I, torch.float16, "none")
+        12288 + 768 + 256 + 196608 + 131072
 
 
 @needs_triton

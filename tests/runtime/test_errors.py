@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import mixbuild.runtime as rt
+from mixbuild.contract import ENGINE_FORMAT_VERSION
 from mixbuild.errors import ArtifactError, MissingDependencyError, MixbuildError, UsageError
 from mixbuild.runtime import Model
 from mixbuild.runtime.ort_runner import OrtRunner
@@ -46,8 +47,8 @@ def test_backend_that_does_not_open_the_directory(runtime_artifact):
 def test_bad_load_options(runtime_artifact):
     with pytest.raises(UsageError, match="max_batch"):
         rt.load(runtime_artifact, max_batch=0)
-    with pytest.raises(UsageError, match="max_seq"):
-        rt.load(runtime_artifact, max_seq=-3)
+    with pytest.raises(UsageError, match="max_context"):
+        rt.load(runtime_artifact, max_context=-3)
 
 
 @pytest.mark.parametrize("prompts, match", [([], "no prompts"), ([[]], "prompt 0 is empty"),
@@ -81,7 +82,7 @@ def test_per_prompt_sampling_must_match_prompt_count(ort_model):
 
 def test_text_needs_a_tokenizer(runtime_artifact):
     model = Model.from_runner(OrtRunner(runtime_artifact, threads=1))
-    with pytest.raises(UsageError, match="no tokenizer.json"):
+    with pytest.raises(UsageError, match=r"no tokenizer\.json"):
         model.generate("def")
     assert model.generate_ids([[1, 5, 6]], max_new_tokens=3)[0].text is None
 
@@ -99,7 +100,8 @@ def test_trt_needs_cuda_and_names_its_extra(tmp_path, ort_model, monkeypatch):
     engine.mkdir()
     (engine / "engine.plan").write_bytes(b"not a plan")
     (engine / "engine.json").write_text(json.dumps({
-        "kind": "engine", "format_version": 1, "spec": ort_model.spec.to_dict(), "backend": "trt",
+        "kind": "engine", "format_version": ENGINE_FORMAT_VERSION, "spec": ort_model.spec.to_dict(),
+        "backend": "tensorrt",
         "plugin_registration": None, "profiles": []}))
     with pytest.raises(UsageError, match="CUDA GPU"):
         rt.load(engine, backend="trt")
@@ -113,18 +115,40 @@ def test_trt_manifest_errors(tmp_path):
     from mixbuild.runtime.trt_runner import TrtRunner
 
     (tmp_path / "engine.plan").write_bytes(b"")
-    with pytest.raises(ArtifactError, match="engine.json"):
+    with pytest.raises(ArtifactError, match=r"engine\.json"):
         TrtRunner(tmp_path)
     (tmp_path / "engine.json").write_text("{}")
     with pytest.raises(ArtifactError, match="not an engine manifest"):
         TrtRunner(tmp_path)
-    (tmp_path / "engine.json").write_text(json.dumps({"kind": "engine", "format_version": 1}))
+    manifest = {"kind": "engine", "format_version": ENGINE_FORMAT_VERSION}
+    (tmp_path / "engine.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="no model spec"):
         TrtRunner(tmp_path)
 
 
-def test_errors_are_mixbuild_errors():
-    assert issubclass(UsageError, MixbuildError)
+def test_errors_say_what_expected_found_fix_and_exit_2(runtime_artifact, ort_model):
+    """A runtime error is one message (what failed, what was expected, what was found, what to
+    do), and `mixbuild run` prints exactly that and exits with code 2, without a traceback."""
+    from click.testing import CliRunner
+
+    from mixbuild.cli import main
+
+    prompt = "x = 1\n" * 1000
+    tokens = len(ort_model.tokenizer.encode(prompt))
+    assert tokens >= ort_model.spec.max_position_embeddings == 2048
+    with pytest.raises(MixbuildError) as err:
+        ort_model.generate(prompt)
+    assert err.value.exit_code == 2
+    assert str(err.value).splitlines() == [
+        f"prompt 0 is too long: {tokens} tokens",
+        "  expected: fewer than 2048 tokens, the context limit (max_position_embeddings), "
+        "to leave room for one new token",
+        f"  found:    {tokens} tokens",
+        "  fix:      shorten the prompt"]
+    done = CliRunner().invoke(main, ["run", str(runtime_artifact), "--prompt", prompt,
+                                     "--threads", "1"])
+    assert done.exit_code == 2, done.output
+    assert done.output == f"error: {err.value}\n"
 
 
 def test_import_is_light():
@@ -144,7 +168,7 @@ def test_trt_without_a_gpu(tmp_path, ort_model):
         pytest.skip("needs tensorrt_rtx installed on a machine without a GPU")
     (tmp_path / "engine.plan").write_bytes(b"junk")
     (tmp_path / "engine.json").write_text(json.dumps({
-        "kind": "engine", "format_version": 1, "spec": ort_model.spec.to_dict(),
-        "backend": "trt-rtx", "plugin_registration": None, "profiles": []}))
+        "kind": "engine", "format_version": ENGINE_FORMAT_VERSION, "spec": ort_model.spec.to_dict(),
+        "backend": "tensorrt-rtx", "plugin_registration": None, "profiles": []}))
     with pytest.raises(UsageError, match="needs a CUDA GPU"):
         rt.load(tmp_path, device="cuda")

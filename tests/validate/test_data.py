@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 
 from mixbuild.errors import MixbuildError
-from mixbuild.validate.data import (DEFAULT_TEXT, Batch, PromptFormat, default_texts, encode_texts,
-                                    evaluation_batches, load_prompts, load_tokenizer, make_batches)
+from mixbuild.validate.data import (
+    DEFAULT_TEXT,
+    Batch,
+    PromptFormat,
+    default_texts,
+    encode_texts,
+    evaluation_batches,
+    load_prompts,
+    load_tokenizer,
+    make_batches,
+)
 
 
 def test_default_text_is_python_source_of_a_few_kb():
@@ -65,7 +74,7 @@ def test_prompt_file_errors(tmp_path):
 def test_tokenizer_loading(char_tokenizer, tmp_path):
     assert load_tokenizer(char_tokenizer).token_to_id("<s>") == 1
     assert load_tokenizer(char_tokenizer.parent).token_to_id("<s>") == 1  # a directory
-    with pytest.raises(MixbuildError, match="no tokenizer.json"):
+    with pytest.raises(MixbuildError, match=r"no tokenizer\.json"):
         load_tokenizer(tmp_path)
     bad = tmp_path / "tokenizer.json"
     bad.write_text(json.dumps({"nothing": True}))

@@ -18,7 +18,7 @@ def feeds():
 
 
 def test_debug_outputs_match_the_reference_model(hf_checkpoints):
-    spec, ids, mask, f = feeds()
+    spec, _ids, mask, f = feeds()
     hf = HFRunner(hf_checkpoints["tiny-e4k1-mqa"], router_logits=True, hidden_states=True,
                   moe_inputs=True)
     ours = TorchRunner.from_checkpoint(hf_checkpoints["tiny-e4k1-mqa"], debug=True).infer(f)

@@ -42,10 +42,10 @@ def test_report_json_schema(tmp_path):
     out = R.write_report(make_report(), tmp_path / "val")
     doc = json.loads((out / "report.json").read_text())
     assert doc["passed"] is False and doc["precision"] == "fp8" and doc["backend"] == "ort"
-    assert METRIC_KEYS <= set(doc["metrics"])
+    assert set(doc["metrics"]) >= METRIC_KEYS
     assert doc["metrics"]["first_divergence"] == {"sequence": 1, "step": 4, "reference_token": 7,
                                                    "artifact_token": 9, "margin": 0.03}
-    assert len(doc["layers"]) == 3 and all(LAYER_KEYS <= set(layer) for layer in doc["layers"])
+    assert len(doc["layers"]) == 3 and all(set(layer) >= LAYER_KEYS for layer in doc["layers"])
     assert doc["layers"][0]["expert_max_abs"] == [0.001, None, 0.0, 0.003]
     assert doc["checks"]["ppl_rel_delta"] == {"value": 0.02, "threshold": 0.01, "bound": "|x| <=",
                                               "passed": False}
@@ -98,12 +98,14 @@ def test_write_is_atomic_and_replaces(tmp_path, monkeypatch):
         raise RuntimeError("disk full")
     monkeypatch.setattr(R, "plot_report", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        R.write_report(make_report(passed=False), target)
+        R.write_report(make_report(passed=False), target, overwrite=True)
     assert json.loads((target / "report.json").read_text())["passed"] is True  # old one intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["val"]               # no temp left
 
     monkeypatch.undo()
-    R.write_report(make_report(passed=False), target)
+    with pytest.raises(MixbuildError, match="already exists"):
+        R.write_report(make_report(passed=False), target)                     # no --overwrite
+    R.write_report(make_report(passed=False), target, overwrite=True)
     assert json.loads((target / "report.json").read_text())["passed"] is False
     assert sorted(p.name for p in tmp_path.iterdir()) == ["val"]
     assert sorted(p.name for p in target.iterdir()) == ["report.json", "report.md", "report.png"]

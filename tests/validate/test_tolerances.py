@@ -6,9 +6,16 @@ import math
 
 import pytest
 
+from mixbuild.contract import Precision
 from mixbuild.errors import MixbuildError
-from mixbuild.validate.tolerances import (THRESHOLDS, Bound, Precision, Tolerances, load_table,
-                                          load_tolerances, parse_override)
+from mixbuild.validate.tolerances import (
+    THRESHOLDS,
+    Bound,
+    Tolerances,
+    load_table,
+    load_tolerances,
+    parse_override,
+)
 
 ORDER = ["fp32", "fp16", "bf16", "fp8", "int4"]
 
@@ -42,7 +49,7 @@ def test_override_applies_and_is_checked():
     tol = load_tolerances("fp8", overrides={"top1_agreement": 0.95})
     assert tol.top1_agreement == 0.95
     assert tol.kl_mean == load_tolerances("fp8").kl_mean
-    with pytest.raises(MixbuildError, match="unknown tolerance name.*top1_agreemnt"):
+    with pytest.raises(MixbuildError, match=r"unknown tolerance name.*top1_agreemnt"):
         load_tolerances("fp8", overrides={"top1_agreemnt": 0.95})
     with pytest.raises(MixbuildError, match="must be a number"):
         load_tolerances("fp8", overrides={"kl_mean": "small"})
@@ -86,7 +93,7 @@ def test_custom_table_file(tmp_path):
     assert load_tolerances("fp8", path=path).top1_agreement == 0.5
     del table["fp8"]["kl_mean"]
     path.write_text(json.dumps(table))
-    with pytest.raises(MixbuildError, match="missing tolerance.*kl_mean"):
+    with pytest.raises(MixbuildError, match=r"missing tolerance.*kl_mean"):
         load_tolerances("fp8", path=path)
     path.write_text("{not json")
     with pytest.raises(MixbuildError, match="not valid JSON"):
