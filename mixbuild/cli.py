@@ -121,7 +121,8 @@ def inspect(path: str, as_json: bool, no_values: bool, config_only: bool) -> Non
 @click.option("--calib-tokens", type=int, default=4096, show_default=True,
               help="Calibration tokens (in sequences of 256).")
 @click.option("--int4-method", type=click.Choice(["awq", "rtn"]), default="awq", show_default=True,
-              help="awq: activation-aware scale search; rtn: plain round-to-nearest.")
+              help="awq: activation-aware scale search; rtn: no scale search (the weights are still "
+                   "GPTQ-rounded, as the manifest records).")
 @click.option("--group-size", type=int, default=128, show_default=True, help="int4 group size along K.")
 @click.option("--fp8-weight-scales", type=click.Choice(["channel", "tensor"]), default="channel",
               show_default=True, help="fp8 weight scale granularity.")

@@ -14,6 +14,7 @@ import collections
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -133,7 +134,8 @@ def run_worker(adapter, request: dict, scratch: Path, progress: bool) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     with log_path.open("wb") as log, build_view(progress) as view:
         proc = subprocess.Popen([sys.executable, "-m", "mixbuild.builder.worker", str(request_path)],
-                                stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+                                stdout=subprocess.PIPE, stderr=log, env=env, text=True,
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         stray = collections.deque(maxlen=LOG_TAIL_LINES)   # stdout lines that are not events
         try:
             for line in proc.stdout:
@@ -150,6 +152,14 @@ def run_worker(adapter, request: dict, scratch: Path, progress: bool) -> dict:
     if code == 0:
         return json.loads(Path(request["result"]).read_text())
     raise _worker_error(adapter, code, Path(request["error"]), log_path, list(stray))
+
+
+def _die_with_parent() -> None:
+    """In the build process (Linux): die when mixbuild does, even by SIGKILL, so that no orphan
+    goes on writing a plan into an output directory the next run is cleaning up."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
 
 
 def _event(line: str) -> dict | None:

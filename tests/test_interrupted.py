@@ -1,0 +1,89 @@
+"""Fault injection: `mixbuild export` (float and fp8) killed with SIGTERM or SIGKILL part way
+leaves no output that looks valid, never touches its input, and the next run succeeds."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mixbuild.atomic import output_kind
+from mixbuild.exporter.artifact import Artifact
+
+FIXTURE = Path(__file__).resolve().parents[1] / "mixbuild" / "fixtures" / "tiny-code"
+
+
+def digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def export(ckpt: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mixbuild", "export", str(ckpt), "-o", str(out),
+                             "--overwrite", *extra], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, sig, after_s", [
+    ("float", signal.SIGTERM, 1.5), ("float", signal.SIGTERM, 4.0), ("float", signal.SIGKILL, 3.0),
+    ("fp8", signal.SIGTERM, 5.0), ("fp8", signal.SIGKILL, 5.0),
+])
+def test_a_killed_export_leaves_nothing_valid_and_the_next_run_succeeds(tmp_path, precision, sig,
+                                                                        after_s):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(FIXTURE, ckpt)
+    before = digest(ckpt)
+    out = tmp_path / "out"
+    extra = ("--precision", precision, "--calib-tokens", "1024") if precision != "float" else ()
+    proc = export(ckpt, out, *extra)
+    time.sleep(after_s)
+    assert proc.poll() is None, "the export finished before it could be interrupted"
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == (143 if sig is signal.SIGTERM else -signal.SIGKILL), stderr
+    assert not out.exists()                       # nothing that looks like an artifact
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("ckpt", "out"))
+    if sig is signal.SIGTERM:                     # cleaned up on the way out
+        assert left == [] and "interrupted; no output was left half-written" in stderr
+    else:                                         # nothing could clean up: hidden temporaries only
+        assert left and all(n.startswith((".out.tmp-", ".out.scratch-")) for n in left)
+    proc = export(ckpt, out, *extra)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert output_kind(out) == "artifact" and Artifact.open(out).spec.num_layers == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]   # the kill -9 leftovers too
+    assert digest(ckpt) == before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_engine_build_process_dies_with_mixbuild():
+    """A kill -9 of mixbuild must not leave the build process writing into the output."""
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "from mixbuild.builder.build import _die_with_parent\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
+        " preexec_fn=_die_with_parent)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(child)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child waits in state Z until init reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
