@@ -81,6 +81,13 @@ def check_destination(out: str | Path, overwrite: bool, kind: str,
                              expected="an output path outside every input",
                              found=f"-o {out} {what} {source}",
                              hint="choose another -o; mixbuild never deletes its own inputs")
+    for parent in (out.parent, *out.parent.parents):   # the nearest one that exists
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"cannot create {out}: {parent} is a file, not a directory",
+                                 expected="an output path whose existing parents are directories",
+                                 found=f"{parent} is a file", hint="choose another -o")
+            break
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir():

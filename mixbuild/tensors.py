@@ -45,6 +45,39 @@ def lazy_tensor(loader: Callable, dtype, shape, name: str):
     ir_dtype = ir.tensor_adapters.from_torch_dtype(dtype)
 
     def load():  # a numpy-backed tensor is written with ndarray.tofile: no extra bytes copy
-        return ir.Tensor(as_numpy(loader().to(dtype)), dtype=ir_dtype, name=name)
+        return ir.Tensor(as_numpy(cast_finite(loader(), dtype, name)), dtype=ir_dtype,
+                         name=name)
 
     return ir.LazyTensor(load, dtype=ir_dtype, shape=ir.Shape(shape), name=name)
+
+
+def all_finite(t, chunk: int = 1 << 24) -> bool:
+    """Whether a torch tensor holds no NaN and no Inf, checked `chunk` elements at a time so
+    the temporary mask stays small (a layer's stacked experts are gigabytes)."""
+    import torch
+
+    if not (t.is_floating_point() or t.is_complex()):
+        return True
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
+def cast_finite(t, dtype, name: str,
+                overflow_hint: str = "export with --dtype bf16 or fp32, which hold the range"):
+    """`t.to(dtype)`; for a float32 / float16 / bfloat16 target, a CheckpointError when the cast
+    produced NaN or Inf (checkpoint reads are checked already, so this is an overflow: e.g. a
+    bf16 or fp32 weight beyond float16's range of +-65504)."""
+    import torch
+
+    from mixbuild.errors import CheckpointError
+
+    out = t.to(dtype)
+    if dtype in (torch.float32, torch.float16, torch.bfloat16) and not all_finite(out):
+        bad = out.numel() - int(torch.isfinite(out).sum())
+        source = "" if t.dtype == dtype else f" converted from {str(t.dtype).removeprefix('torch.')}"
+        raise CheckpointError(
+            f"weight '{name}' is not finite as {str(dtype).removeprefix('torch.')}{source}",
+            expected="finite values only", found=f"{bad} of {out.numel()} values are NaN or Inf",
+            hint=f"the values exceed the range of that dtype: {overflow_hint}"
+            if t.dtype != dtype else "the weights are corrupt; check the checkpoint")
+    return out

@@ -65,3 +65,13 @@ def edit_json(path: Path, **changes) -> None:
         else:
             data[key] = value
     path.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="session")
+def fixture_fp32_artifact(fixture_dir, tmp_path_factory) -> Path:
+    """The trained fixture exported once per session (fp32, no debug outputs), for tests that
+    only read it or copy it before damaging it."""
+    from mixbuild.exporter.export import export_checkpoint
+
+    return export_checkpoint(fixture_dir, tmp_path_factory.mktemp("fp32-artifact") / "fp32",
+                             progress=False)

@@ -4,6 +4,7 @@ leaves no output that looks valid, never touches its input, and the next run suc
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import signal
 import subprocess
@@ -87,3 +88,86 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] not in ("Z", "X")
     except FileNotFoundError:
         return False
+
+
+# ------------------------------------------------------------------------------ engine builds
+
+ENGINE_ARGS = ("--backend", "tensorrt-rtx", "--cc", "8.9", "--max-batch", "1",
+               "--max-step-tokens", "16", "--max-context", "64", "--opt-level", "0")
+
+
+def build(artifact: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mixbuild", "engine", str(artifact), "-o", str(out),
+                             *ENGINE_ARGS], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _when(root: Path, pattern: str, proc: subprocess.Popen, timeout: float = 120) -> Path:
+    """Wait until a file matching `pattern` (a glob under `root`) exists; the build must still
+    be running then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = next(iter(root.glob(pattern)), None)
+        if found is not None:
+            return found
+        assert proc.poll() is None, f"the build ended before {pattern} appeared: {proc.stderr.read()}"
+        time.sleep(0.002)
+    raise AssertionError(f"{pattern} never appeared")
+
+
+def _processes_under(path: Path) -> list[int]:
+    """Live processes whose command line names `path` (a build process left behind)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if str(path) in cmdline and state not in ("Z", "X"):
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig, moment", [
+    (signal.SIGTERM, ".out.tmp-*/engine.plan"),       # TensorRT is building, the plan opened
+    (signal.SIGTERM, ".out.scratch-*/result.json"),   # the plan is written, not yet renamed
+    (signal.SIGKILL, ".out.tmp-*/engine.plan"),
+    (signal.SIGKILL, ".out.scratch-*/result.json"),
+], ids=["SIGTERM-while-building", "SIGTERM-before-rename", "SIGKILL-while-building",
+        "SIGKILL-before-rename"])
+def test_a_killed_engine_build_leaves_nothing_valid_and_the_next_run_succeeds(
+        tmp_path, fixture_fp32_artifact, sig, moment):
+    from mixbuild.builder.inspect import inspect_engine
+
+    artifact = tmp_path / "artifact"
+    shutil.copytree(fixture_fp32_artifact, artifact)
+    before = digest(artifact)
+    out = tmp_path / "out"
+    proc = build(artifact, out)
+    _when(tmp_path, moment, proc)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == (143 if sig is signal.SIGTERM else -signal.SIGKILL), stderr
+    assert not out.exists()                       # nothing that looks like an engine
+    deadline = time.monotonic() + 10              # the build process dies with mixbuild
+    while _processes_under(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_under(tmp_path) == []
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("artifact", "out"))
+    if sig is signal.SIGTERM:                     # cleaned up on the way out
+        assert left == [] and "interrupted; no output was left half-written" in stderr
+    else:                                         # nothing could clean up: hidden temporaries only
+        assert left and all(n.startswith((".out.tmp-", ".out.scratch-")) for n in left)
+    assert digest(artifact) == before
+    proc = build(artifact, out)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert output_kind(out) == "engine" and inspect_engine(out)["plan"]["verified"]
+    assert sorted(p.name for p in out.iterdir()) == ["engine.json", "engine.plan"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact", "out"]   # kill -9 leftovers too
+    assert digest(artifact) == before

@@ -15,26 +15,19 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mixbuild.builder.manifest import read_engine_manifest
-from mixbuild.contract import MOE_OPS, PLAN_FILE, PLUGIN_NAMESPACE
-from mixbuild.errors import ArtifactError
+from mixbuild.builder.manifest import read_engine_manifest, verify_plan
+from mixbuild.contract import MOE_OPS, PLUGIN_NAMESPACE
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.table import Table
 
 
 def inspect_engine(path: str | Path) -> dict[str, Any]:
-    """Verify the plan's sha256 against engine.json and describe the engine."""
-    from mixbuild.exporter.manifest import sha256_file
-
+    """Verify engine.json and the plan's sha256 against it, and describe the engine."""
     directory = Path(path)
     manifest = read_engine_manifest(directory)
-    plan = directory / PLAN_FILE
+    plan = verify_plan(directory, manifest)
     recorded = manifest["plan"]
-    if plan.stat().st_size != recorded["bytes"] or sha256_file(plan) != recorded["sha256"]:
-        raise ArtifactError(f"engine plan is corrupt (size or sha256 differs from engine.json): {plan}",
-                            expected=f"{recorded['bytes']} bytes, sha256 {recorded['sha256'][:16]}...",
-                            hint="build the engine again")
     items, source, note = _layers(manifest, plan)
     items = [{**item, "moe_plugin": is_moe_plugin(item)} for item in items]
     return {

@@ -20,8 +20,17 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mixbuild.contract import ENGINE_FORMAT_VERSION, ENGINE_KIND, ENGINE_MANIFEST_FILE, PLAN_FILE
-from mixbuild.errors import ArtifactError
+from mixbuild.contract import (
+    ENGINE_FORMAT_VERSION,
+    ENGINE_KIND,
+    ENGINE_MANIFEST_FILE,
+    PLAN_FILE,
+    DType,
+    EngineBackend,
+    Precision,
+)
+from mixbuild.errors import ArtifactError, UsageError
+from mixbuild.exporter.manifest import field, json_type, mismatch, read_json_object
 
 
 def plugin_summary(layers: list[dict]) -> list[dict]:
@@ -42,6 +51,10 @@ def write_engine_manifest(directory: Path, manifest: dict[str, Any]) -> None:
 
 
 def read_engine_manifest(directory: str | Path) -> dict[str, Any]:
+    """engine.json, checked: format, every field with its type, the I/O against the contract
+    for the recorded spec, and precision / dtype / spec against the source artifact's manifest
+    when that artifact is still there, unchanged (ArtifactError naming the field otherwise).
+    The plan itself is checked by `verify_plan`."""
     directory = Path(directory)
     path = directory / ENGINE_MANIFEST_FILE
     if not directory.is_dir():
@@ -50,14 +63,194 @@ def read_engine_manifest(directory: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{directory} is not a mixbuild engine directory",
                             expected=f"{PLAN_FILE} and {ENGINE_MANIFEST_FILE}",
                             hint="build one with `mixbuild engine ARTIFACT -o DIR`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path}: corrupt engine manifest", found=str(exc)[:200],
-                            hint="build the engine again") from exc
-    if manifest.get("kind") != ENGINE_KIND or manifest.get("format_version") != ENGINE_FORMAT_VERSION:
+    manifest = read_json_object(path, "engine manifest", _HINT)
+    if manifest.get("kind") != ENGINE_KIND or manifest.get("format_version") != ENGINE_FORMAT_VERSION \
+            or type(manifest.get("format_version")) is not int:
         raise ArtifactError(f"{path}: not an engine manifest of a known format",
                             expected=f"kind '{ENGINE_KIND}', format_version {ENGINE_FORMAT_VERSION}",
                             found=f"kind {manifest.get('kind')!r}, "
                                   f"format_version {manifest.get('format_version')!r}")
+    check_engine_manifest(manifest, path)
     return manifest
+
+
+def verify_plan(directory: str | Path, manifest: dict[str, Any]) -> Path:
+    """engine.plan has the size and sha256 engine.json records (checked before anything
+    deserializes it); returns its path."""
+    from mixbuild.exporter.manifest import sha256_file
+
+    plan = Path(directory) / PLAN_FILE
+    recorded = manifest["plan"]
+    if plan.stat().st_size != recorded["bytes"] or sha256_file(plan) != recorded["sha256"]:
+        raise ArtifactError(f"engine plan is corrupt (size or sha256 differs from engine.json): {plan}",
+                            expected=f"{recorded['bytes']} bytes, sha256 {recorded['sha256'][:16]}...",
+                            found=f"{plan.stat().st_size} bytes",
+                            hint="build the engine again")
+    return plan
+
+
+_HINT = "engine.json was edited or damaged; build the engine again"
+
+
+def check_engine_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """Every field `write_engine_manifest` writes, with its type, and the fields that can be
+    checked without TensorRT consistent with each other and with the source artifact."""
+    from mixbuild.builder.options import ComputeCapability
+    from mixbuild.exporter.artifact import spec_of
+
+    def need(obj, key, kind, where="", **kw):
+        return field(obj, key, kind, path, where, hint=_HINT, **kw)
+
+    backend = EngineBackend(need(manifest, "backend", "string",
+                                 choices=tuple(b.value for b in EngineBackend)))
+    trt = need(manifest, "tensorrt", "object")
+    need(trt, "module", "string", "tensorrt", choices=(backend.module,))
+    need(trt, "version", "string", "tensorrt")
+    try:
+        ComputeCapability.parse(need(manifest, "compute_capability", "string"))
+    except UsageError as exc:
+        raise ArtifactError(f"{path}: field 'compute_capability': {exc.what}", expected=exc.expected,
+                            found=exc.found, hint=_HINT) from None
+    moe = need(manifest, "moe", "string", choices=("plugin", "inline"))
+    precision = Precision(need(manifest, "precision", "string",
+                               choices=tuple(p.value for p in Precision)))
+    dtype = DType(need(manifest, "dtype", "string", choices=tuple(d.value for d in DType)))
+    if not precision.quantized and precision is not Precision.of_dtype(dtype):
+        raise mismatch(path, "precision", f"{Precision.of_dtype(dtype).value} (a float engine's "
+                       f"precision is its dtype, {dtype.value})", precision.value, hint=_HINT)
+    spec = spec_of(need(manifest, "spec", "object"), path, hint=_HINT)
+    limits = need(manifest, "limits", "object")
+    for key in ("max_batch", "max_step_tokens", "max_context"):
+        if need(limits, key, "integer", "limits") <= 0:
+            raise mismatch(path, f"limits.{key}", "a positive integer", limits[key], hint=_HINT)
+    profiles = need(manifest, "profiles", "array")
+    if not profiles:
+        raise mismatch(path, "profiles", "at least one optimisation profile", profiles, hint=_HINT)
+    for index, profile in enumerate(profiles):
+        where = f"profiles[{index}]"
+        _object(profile, where, path)
+        need(profile, "name", "string", where)
+        for dim, sizes in need(profile, "dims", "object", where).items():
+            _ints(sizes, f"{where}.dims.{dim}", path, length=3)
+        for name, ranges in need(profile, "shapes", "object", where).items():
+            _object(ranges, f"{where}.shapes.{name}", path)
+            for key in ("min", "opt", "max"):
+                _ints(need(ranges, key, "array", f"{where}.shapes.{name}"),
+                      f"{where}.shapes.{name}.{key}", path)
+    debug = False
+    for key in ("inputs", "outputs"):
+        for index, entry in enumerate(need(manifest, key, "array")):
+            where = f"{key}[{index}]"
+            _object(entry, where, path)
+            need(entry, "name", "string", where)
+            need(entry, "dtype", "string", where)
+            need(entry, "shape", "array", where)
+            need(entry, "dims", "array", where)
+            debug = debug or entry["name"].startswith("debug.")
+    _check_io(manifest, path, spec, dtype, debug)
+    for index, plugin in enumerate(need(manifest, "plugins", "array")):
+        _object(plugin, f"plugins[{index}]", path)
+        for key in ("name", "namespace", "version"):
+            need(plugin, key, "string", f"plugins[{index}]")
+        need(plugin, "layers", "integer", f"plugins[{index}]")
+    registration = need(manifest, "plugin_registration", "string", null=True)
+    if (registration is None) != (moe == "inline"):
+        raise mismatch(path, "plugin_registration", "a registration call for a --moe plugin engine"
+                       if moe == "plugin" else "null for a --moe inline engine", registration,
+                       hint=_HINT)
+    layers = need(manifest, "layers", "object")
+    need(layers, "source", "string", "layers")
+    for index, item in enumerate(need(layers, "items", "array", "layers")):
+        _object(item, f"layers.items[{index}]", path)
+        need(item, "name", "string", f"layers.items[{index}]")
+        need(item, "type", "string", f"layers.items[{index}]")
+        if "plugin" in item:
+            need(item, "plugin", "object", f"layers.items[{index}]", null=True)
+    builder = need(manifest, "builder", "object")
+    need(builder, "optimization_level", "integer", "builder")
+    need(builder, "timing_cache", "object", "builder", null=True)
+    source = need(manifest, "source", "object")
+    need(source, "artifact", "string", "source")
+    need(source, "manifest_sha256", "string", "source")
+    need(source, "precision", "string", "source", choices=(precision.value,))
+    need(source, "dtype", "string", "source", choices=(dtype.value,))
+    plan = need(manifest, "plan", "object")
+    need(plan, "file", "string", "plan", choices=(PLAN_FILE,))
+    digest = need(plan, "sha256", "string", "plan")
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise mismatch(path, "plan.sha256", "64 lowercase hex digits", digest, hint=_HINT)
+    if need(plan, "bytes", "integer", "plan") < 0:
+        raise mismatch(path, "plan.bytes", "a size in bytes", plan["bytes"], hint=_HINT)
+    build = need(manifest, "build", "object")
+    for key in ("wall_s", "parse_s", "build_s"):
+        need(build, key, "number", "build")
+    _check_source(manifest, path)
+
+
+def _object(value: Any, where: str, path: Path) -> None:
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{path}: field '{where}' has the wrong type", expected="object",
+                            found=f"{json_type(value)} {json.dumps(value)[:80]}", hint=_HINT)
+
+
+def _ints(value: Any, where: str, path: Path, length: int | None = None) -> None:
+    if (not isinstance(value, list) or (length is not None and len(value) != length)
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise ArtifactError(f"{path}: field '{where}' has the wrong type",
+                            expected=f"an array of {length or ''} integers".replace("  ", " "),
+                            found=json.dumps(value)[:80], hint=_HINT)
+
+
+def _check_io(manifest: dict, path: Path, spec, dtype: DType, debug: bool) -> None:
+    """The engine's inputs and outputs are the contract's for its spec and dtype, in order."""
+    from mixbuild.contract import io_specs
+
+    inputs, outputs = io_specs(spec, dtype, debug)
+    for key, wanted in (("inputs", inputs), ("outputs", outputs)):
+        held = manifest[key]
+        pairs = [(t["name"], t["dtype"]) for t in held]
+        if pairs != [(t.name, t.dtype) for t in wanted]:
+            index = next((i for i, (t, w) in enumerate(zip(held, wanted))
+                          if (t["name"], t["dtype"]) != (w.name, w.dtype)), None)
+            if index is None:   # one list is a prefix of the other
+                raise mismatch(path, key, f"{len(wanted)} {key} (contract.io_specs of the engine's "
+                               f"spec: {_names([t.name for t in wanted])})",
+                               f"{len(held)} {key}: {_names([t['name'] for t in held])}", hint=_HINT)
+            want = wanted[index]
+            raise mismatch(path, f"{key}[{index}]", f"{want.name} {want.dtype} (contract.io_specs "
+                           "of the engine's spec and dtype)", held[index], hint=_HINT)
+        for index, (entry, want) in enumerate(zip(held, wanted)):
+            dims = entry["dims"]
+            if len(dims) != len(want.dims) or any(isinstance(w, int) and d != w
+                                                  for d, w in zip(dims, want.dims)):
+                raise mismatch(path, f"{key}[{index}].dims", f"{list(want.dims)} (contract.io_specs of "
+                               "the engine's spec)", dims, hint=_HINT)
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names) if len(names) <= 6 else f"{', '.join(names[:5])}, ... ({len(names)} in all)"
+
+
+def _check_source(manifest: dict, path: Path) -> None:
+    """precision, dtype and spec as in the source artifact's mixbuild.json, when that file is
+    still the one the engine was built from (its sha256 is recorded); otherwise nothing to check."""
+    from mixbuild.contract import MANIFEST_FILE
+    from mixbuild.exporter.manifest import sha256_file
+
+    source = Path(manifest["source"]["artifact"]) / MANIFEST_FILE
+    try:
+        if not source.is_file() or sha256_file(source) != manifest["source"]["manifest_sha256"]:
+            return
+        artifact = json.loads(source.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(artifact, dict):
+        return
+    pairs = [(key, artifact.get(key), manifest[key]) for key in ("precision", "dtype")]
+    theirs, ours = artifact.get("spec"), manifest["spec"]
+    if isinstance(theirs, dict):
+        pairs += [(f"spec.{k}", theirs.get(k), ours.get(k)) for k in sorted(set(theirs) | set(ours))]
+    for name, want, held in pairs:
+        if want != held:
+            raise mismatch(path, name, f"{json.dumps(want)} (in {source}, the source artifact's "
+                           "manifest the engine was built from)", held, hint=_HINT)

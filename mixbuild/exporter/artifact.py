@@ -1,4 +1,5 @@
-"""Opening an exported artifact directory: manifest, integrity check, spec."""
+"""Opening an exported artifact directory: manifest, integrity check, spec, and the manifest
+checked against the graph it describes (mixbuild/exporter/consistency.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixbuild.contract import ONNX_FILE
+from mixbuild.contract import MANIFEST_FILE, ONNX_FILE
+from mixbuild.errors import ArtifactError, ConfigError
+from mixbuild.exporter.consistency import check_graph
 from mixbuild.exporter.manifest import read_manifest, verify_files
 from mixbuild.model.spec import MixtralSpec
 
@@ -19,10 +22,14 @@ class Artifact:
 
     @classmethod
     def open(cls, path: str | Path, verify_hashes: bool = True) -> Artifact:
+        """Read and check mixbuild.json (every field and its type), every listed file's size
+        and sha256, the spec, and the manifest against model.onnx; ArtifactError otherwise."""
         path = Path(path)
         manifest = read_manifest(path)
         verify_files(path, manifest, hashes=verify_hashes)
-        return cls(path, manifest, MixtralSpec.from_dict(manifest["spec"]))
+        spec = spec_of(manifest["spec"], path / MANIFEST_FILE)
+        check_graph(path, manifest, spec)
+        return cls(path, manifest, spec)
 
     @property
     def onnx_path(self) -> Path:
@@ -31,3 +38,12 @@ class Artifact:
     @property
     def precision(self) -> str:
         return self.manifest["precision"]
+
+
+def spec_of(data: Any, source: Path, hint: str = "export the artifact again") -> MixtralSpec:
+    """The `spec` of a manifest (artifact or engine): ArtifactError naming the file and field."""
+    try:
+        return MixtralSpec.from_dict(data, source=f"{source}: spec")
+    except ConfigError as exc:
+        # the ConfigError's message is all of it: no second "cause" line
+        raise ArtifactError(exc.what, expected=exc.expected, found=exc.found, hint=hint) from None

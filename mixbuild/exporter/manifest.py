@@ -7,7 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mixbuild.contract import ARTIFACT_FORMAT_VERSION, MANIFEST_FILE
+from mixbuild.contract import (
+    ARTIFACT_FORMAT_VERSION,
+    ARTIFACT_KIND,
+    DOMAIN,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    DType,
+    Precision,
+)
 from mixbuild.errors import ArtifactError
 
 _CHUNK = 16 * 1024 * 1024
@@ -33,23 +41,132 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def read_json_object(path: Path, what: str, hint: str) -> dict[str, Any]:
+    """A JSON object from `path`, or ArtifactError (corrupt, not UTF-8, not an object)."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ArtifactError(f"{path}: corrupt {what}", found=str(exc)[:200], hint=hint) from exc
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: corrupt {what}", expected="a JSON object",
+                            found=f"a JSON {json_type(data)}", hint=hint)
+    return data
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
+    """mixbuild.json, its format version and every field the contract lists with its type
+    (ArtifactError naming the field otherwise)."""
     path = Path(directory) / MANIFEST_FILE
     if not Path(directory).is_dir():
         raise ArtifactError(f"artifact directory not found: {directory}")
     if not path.is_file():
         raise ArtifactError(f"{directory} is not a mixbuild artifact (no {MANIFEST_FILE})",
                             hint="create one with `mixbuild export CHECKPOINT -o DIR`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path}: corrupt manifest", found=str(exc),
-                            hint="export the artifact again") from exc
-    if manifest.get("format_version") != ARTIFACT_FORMAT_VERSION:
+    manifest = read_json_object(path, "manifest", "export the artifact again")
+    version = manifest.get("format_version")
+    if type(version) is not int or version != ARTIFACT_FORMAT_VERSION:
         raise ArtifactError(f"{path}: unsupported manifest format",
                             expected=f"format_version {ARTIFACT_FORMAT_VERSION}",
-                            found=repr(manifest.get("format_version")))
+                            found=repr(version))
+    check_manifest(manifest, path)
     return manifest
+
+
+# ------------------------------------------------------------------------- field checks
+
+_HINT = "the manifest was edited or damaged; export the artifact again"
+_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
+          "object": dict, "array": list}
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a value's type: string, integer, number, boolean, object, array, null."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    for name, kind in _TYPES.items():
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _short(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def field(obj: dict, key: str, kind: str, path: Path, where: str = "", *, null: bool = False,
+          choices: tuple | None = None, hint: str = _HINT) -> Any:
+    """obj[key], checked to be of JSON type `kind` (or null when `null`) and, with `choices`,
+    one of them; ArtifactError naming `path` and the field (`where.key`) otherwise."""
+    name = f"{where}.{key}" if where else key
+    if key not in obj:
+        raise ArtifactError(f"{path}: required field '{name}' is missing",
+                            expected=f"{'an' if kind[0] in 'aeio' else 'a'} {kind}", hint=hint)
+    value = obj[key]
+    if value is None and null:
+        return None
+    found = json_type(value)
+    if found != kind and not (kind == "number" and found == "integer"):
+        raise ArtifactError(f"{path}: field '{name}' has the wrong type",
+                            expected=kind + (" or null" if null else ""),
+                            found=f"{found} {_short(value)}", hint=hint)
+    if choices is not None and value not in choices:
+        raise ArtifactError(f"{path}: field '{name}' has an unknown value",
+                            expected=" | ".join(map(str, choices)), found=_short(value), hint=hint)
+    return value
+
+
+def mismatch(path: Path, name: str, expected: str, found: Any, hint: str = _HINT) -> ArtifactError:
+    """The error for a field whose value contradicts what it describes."""
+    return ArtifactError(f"{path}: field '{name}' does not match the artifact", expected=expected,
+                         found=_short(found), hint=hint)
+
+
+def check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """Every field of mixbuild.json present with its type (docs/contract.md), and the file
+    names are plain file names. The spec itself is checked by MixtralSpec.from_dict, the values
+    against each other and against the graph by mixbuild.exporter.consistency."""
+    field(manifest, "kind", "string", path, choices=(ARTIFACT_KIND,))
+    for key in ("producer", "spec", "opset", "source", "files"):
+        field(manifest, key, "object", path)
+    field(manifest, "precision", "string", path, choices=tuple(p.value for p in Precision))
+    field(manifest, "dtype", "string", path, choices=tuple(d.value for d in DType))
+    field(manifest, "debug_outputs", "boolean", path)
+    for key in ("", DOMAIN):
+        field(manifest["opset"], key, "integer", path, "opset")
+    for key in ("inputs", "outputs"):
+        for index, entry in enumerate(field(manifest, key, "array", path)):
+            if not isinstance(entry, dict):
+                raise ArtifactError(f"{path}: field '{key}[{index}]' has the wrong type",
+                                    expected="an object {name, dtype}", found=_short(entry),
+                                    hint=_HINT)
+            for part in ("name", "dtype"):
+                field(entry, part, "string", path, f"{key}[{index}]")
+    for name, entry in manifest["files"].items():
+        where = f"files[{json.dumps(name)}]"
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise ArtifactError(f"{path}: field '{where}' is not a file name of the artifact",
+                                expected="a plain file name inside the artifact directory",
+                                found=_short(name), hint=_HINT)
+        if not isinstance(entry, dict):
+            raise ArtifactError(f"{path}: field '{where}' has the wrong type",
+                                expected="an object {sha256, bytes}", found=_short(entry), hint=_HINT)
+        digest = field(entry, "sha256", "string", path, where)
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ArtifactError(f"{path}: field '{where}.sha256' is not a sha256 digest",
+                                expected="64 lowercase hex digits", found=_short(digest), hint=_HINT)
+        if field(entry, "bytes", "integer", path, where) < 0:
+            raise ArtifactError(f"{path}: field '{where}.bytes' is negative",
+                                found=str(entry["bytes"]), hint=_HINT)
+    if ONNX_FILE not in manifest["files"]:
+        raise ArtifactError(f"{path}: field 'files' does not list {ONNX_FILE}",
+                            expected=f"{ONNX_FILE} with its sha256 and size", hint=_HINT)
+    field(manifest, "quantization", "object", path, null=True)
 
 
 def verify_files(directory: Path, manifest: dict[str, Any], hashes: bool = True) -> None:

@@ -91,6 +91,27 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
+def check_finite_tensor(t, name: str, file: Path | str | None = None) -> None:
+    """A CheckpointError naming tensor `name` when `t` holds NaN or Inf values."""
+    import torch
+
+    from mixbuild.tensors import all_finite
+
+    if all_finite(t):
+        return
+    finite = torch.isfinite(t)
+    nan, total = int(torch.isnan(t).sum()), t.numel()
+    inf = total - int(finite.sum()) - nan
+    first = tuple(int(i) for i in torch.nonzero(~finite)[0])
+    where = f" of {Path(file).name}" if file is not None else ""
+    raise CheckpointError(f"tensor '{name}' holds NaN or Inf values",
+                          expected="finite values only",
+                          found=f"{nan} NaN and {inf} Inf among its {total} values{where}, the "
+                                f"first at index {list(first)}",
+                          hint="the weight file is corrupt, or the model it was saved from had "
+                               "diverged; download the checkpoint again or fix it at the source")
+
+
 class Checkpoint:
     """A Hugging Face Mixtral checkpoint directory: spec, tensor index and lazy tensor access."""
 
@@ -172,21 +193,20 @@ class Checkpoint:
 
     def check_values(self) -> Iterator[str]:
         """Read every tensor once (one at a time) and fail on NaN or Inf. Yields names as it goes."""
-        import torch
-
         for name in sorted(self.verify()):
-            t = self.tensor(name)
-            if not bool(torch.isfinite(t).all()):
-                raise CheckpointError(f"tensor '{name}' holds NaN or Inf values",
-                                      hint="the file is corrupt; download it again")
+            self.tensor(name)  # every read checks its values
             yield name
 
     # ------------------------------------------------------------------ access
-    def tensor(self, name: str):
+    def tensor(self, name: str, check_finite: bool = True):
         """One tensor as a torch.Tensor, read into its own buffer.
 
         Plain reads (not a memory map) keep the process's resident memory equal to what it
         really holds: mapped pages of a file read once would count as resident until unmapped.
+        Every read checks that the values are finite (a CheckpointError naming the tensor
+        otherwise), so no stage that reads weights (export, calibration, the torch backend) can
+        turn a corrupt checkpoint into an output; the check costs one pass over memory the
+        read has just filled.
         """
         import torch
 
@@ -201,7 +221,10 @@ class Checkpoint:
                                       hint="the file changed after it was opened; fetch it again")
         if not buffer:
             return torch.empty(info.shape, dtype=_SAFETENSORS_DTYPES[info.dtype].torch)
-        return torch.frombuffer(buffer, dtype=_SAFETENSORS_DTYPES[info.dtype].torch).reshape(info.shape)
+        t = torch.frombuffer(buffer, dtype=_SAFETENSORS_DTYPES[info.dtype].torch).reshape(info.shape)
+        if check_finite:
+            check_finite_tensor(t, name, info.file)
+        return t
 
     def weight(self, role: str, layer: int | None = None, expert: int | None = None):
         if role == "lm_head" and self.spec.tie_word_embeddings:

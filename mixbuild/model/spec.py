@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,12 +61,32 @@ class MixtralSpec:
         if self.head_dim % 2:
             raise ConfigError(f"{source}: head_dim must be even for rotary embeddings",
                               found=f"head_dim = {self.head_dim}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not _finite(value):
+                raise ConfigError(f"{source}: field '{name}' must be a number",
+                                  expected="a finite number > 0", found=repr(value))
         if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
             raise ConfigError(f"{source}: rope_theta and rms_norm_eps must be positive",
                               found=f"rope_theta={self.rope_theta}, rms_norm_eps={self.rms_norm_eps}")
-        if self.sliding_window is not None and self.sliding_window <= 0:
+        if self.sliding_window is not None and (not _is_int(self.sliding_window)
+                                                or self.sliding_window <= 0):
             raise ConfigError(f"{source}: sliding_window must be null or positive",
-                              found=repr(self.sliding_window))
+                              expected="null or an integer > 0", found=repr(self.sliding_window))
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"{source}: field 'tie_word_embeddings' must be true or false",
+                              found=repr(self.tie_word_embeddings))
+        if not isinstance(self.dtype, DType):
+            raise ConfigError(f"{source}: field 'dtype' must be a DType", found=repr(self.dtype))
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+            if value is None or all(_is_int(i) and 0 <= i < self.vocab_size for i in ids):
+                continue
+            raise ConfigError(f"{source}: field '{name}' must be a token id",
+                              expected=f"null or an integer in [0, {self.vocab_size})"
+                                       + (", or a list of them" if name == "eos_token_id" else ""),
+                              found=repr(value))
 
     # ----------------------------------------------------------------- config.json
     @classmethod
@@ -96,6 +117,8 @@ class MixtralSpec:
                                   hint="add head_dim to config.json")
             head_dim = hidden // heads
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: rope_parameters must be an object", found=repr(rope))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ConfigError(f"{source}: unsupported rope scaling", expected="rope_type 'default'",
@@ -112,11 +135,11 @@ class MixtralSpec:
             intermediate_size=need("intermediate_size"), num_layers=need("num_hidden_layers"),
             num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
             head_dim=head_dim, num_experts=need("num_local_experts"),
-            top_k=need("num_experts_per_tok"), rope_theta=float(theta),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+            top_k=need("num_experts_per_tok"), rope_theta=_as_float(theta),
+            rms_norm_eps=_as_float(config.get("rms_norm_eps", 1e-5)),
             max_position_embeddings=config.get("max_position_embeddings", 32768),
             sliding_window=config.get("sliding_window"),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_false_if_null(config.get("tie_word_embeddings")),
             dtype=dtype, bos_token_id=config.get("bos_token_id"),
             eos_token_id=config.get("eos_token_id"),
         )
@@ -162,12 +185,30 @@ class MixtralSpec:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MixtralSpec:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - fields
+    def from_dict(cls, data: dict[str, Any], source: str = "spec") -> MixtralSpec:
+        """The inverse of to_dict; ConfigError (naming `source` and the field) for anything else:
+        not an object, unknown or missing fields, wrong types or values."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object", found=type(data).__name__)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(fields)
         if unknown:
-            raise ConfigError("spec has unknown fields", found=", ".join(sorted(unknown)))
-        return cls(**{**data, "dtype": DType.parse(data.get("dtype", "bfloat16"))})
+            raise ConfigError(f"{source}: unknown fields", found=", ".join(sorted(map(str, unknown))))
+        missing = [name for name, f in fields.items() if name not in data
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{source}: required field '{missing[0]}' is missing",
+                              expected=", ".join(missing) + " present")
+        try:
+            dtype = DType.parse(data.get("dtype", "bfloat16"))
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: field 'dtype': {exc.what}", expected=exc.expected,
+                              found=exc.found) from exc
+        try:
+            return cls(**{**data, "dtype": dtype})
+        except ConfigError as exc:  # name the source rather than the in-memory spec
+            raise ConfigError(exc.what.replace("spec:", f"{source}:", 1), expected=exc.expected,
+                              found=exc.found, hint=exc.hint) from exc
 
     def replace(self, **changes: Any) -> MixtralSpec:
         return dataclasses.replace(self, **changes)
@@ -215,6 +256,30 @@ class MixtralSpec:
             keep = nbytes if nbytes >= 2 else 2.0
             out[precision.value] = int(quantizable * nbytes + high * keep)
         return out
+
+
+def _as_float(value: Any) -> Any:
+    """A JSON int as float (config.json may write 10000 for 10000.0); anything else as it is,
+    for validate() to refuse."""
+    try:
+        return float(value) if _is_int(value) else value
+    except OverflowError:
+        return value
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:   # an int too large for a float
+        return False
+
+
+def _false_if_null(value: Any) -> Any:
+    return False if value is None else value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_int_fields(config: dict[str, Any], source: str) -> None:

@@ -37,16 +37,48 @@ def default_calibration_text() -> str:
                        for name in CALIBRATION_MODULES)
 
 
+def read_calibration_text(path: str | Path) -> str:
+    """The text of a --calib file: UTF-8 (an optional BOM is dropped), no NUL bytes, not
+    empty; a UsageError naming the file and what is wrong otherwise. Replacing undecodable
+    bytes would silently calibrate on U+FFFD runs (a binary file, a UTF-16 or Latin-1 text),
+    giving activation ranges of text the model never sees."""
+    path = Path(path)
+    hint = "pass a UTF-8 text file with --calib, or omit it for the built-in text"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read the calibration file {path}", found=str(exc),
+                         hint=hint) from exc
+    if b"\x00" in data:
+        offset = data.index(b"\x00")
+        raise UsageError(f"calibration file {path} is binary, not text",
+                         expected="UTF-8 text", found=f"a NUL byte at offset {offset} of "
+                                                      f"{len(data)} bytes", hint=hint)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"calibration file {path} is not UTF-8 text",
+                         expected="UTF-8 text",
+                         found=f"byte 0x{data[exc.start]:02x} at offset {exc.start} is not valid "
+                               "UTF-8", hint="convert it to UTF-8 (e.g. iconv -t UTF-8), or "
+                                             "omit --calib for the built-in text") from exc
+    if not text.strip():
+        raise UsageError(f"calibration file {path} is empty",
+                         expected="text to calibrate on",
+                         found=f"{len(data)} bytes" + (" of whitespace" if data else ""), hint=hint)
+    return text
+
+
 def calibration_tokens(ckpt: Checkpoint, config: QuantConfig) -> Tensor:
     """[N, L] int64 token ids: the calibration text cut into N sequences of L tokens."""
     from tokenizers import Tokenizer
 
+    text = (read_calibration_text(config.calib_file) if config.calib_file
+            else default_calibration_text())
     tok_path = ckpt.path / "tokenizer.json"
     if not tok_path.is_file():
         raise CheckpointError(f"calibration needs the checkpoint's tokenizer: {tok_path} not found",
                               hint="copy tokenizer.json into the checkpoint directory")
-    text = (Path(config.calib_file).read_text(encoding="utf-8", errors="replace")
-            if config.calib_file else default_calibration_text())
     ids = Tokenizer.from_file(str(tok_path)).encode(text).ids
     length = config.calib_seq_len
     rows = min(len(ids) // length, config.calib_tokens // length)
@@ -98,6 +130,7 @@ def calibrate(ckpt: Checkpoint, config: QuantConfig, store: QuantStore,
     from mixbuild.progress import track
 
     spec = ckpt.spec
+    config.check_spec(spec)
     tokens = calibration_tokens(ckpt, config)
     mask = torch.ones_like(tokens)
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)

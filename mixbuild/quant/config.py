@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mixbuild.contract import Precision, quantized_precision
 from mixbuild.errors import UsageError, choice
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mixbuild.model.spec import MixtralSpec
 
 
 class Int4Method(str, Enum):
@@ -42,6 +47,32 @@ class QuantConfig:
         if self.calib_file is not None and not Path(self.calib_file).is_file():
             raise UsageError(f"calibration file not found: {self.calib_file}",
                              hint="pass a UTF-8 text file with --calib, or omit it for the built-in text")
+
+    def check_spec(self, spec: MixtralSpec) -> None:
+        """Refuse (UsageError) an int4 group size that does not divide every reduction size K
+        it groups: the hidden size (q/k/v projections, the experts' w_gate_up), the attention
+        width Nq*D (o_proj) and the intermediate size (the experts' w_down). TensorRT's block
+        quantization divides each blocked dimension by the block size, so a short last group
+        would only fail later, at engine build."""
+        if self.precision is not Precision.INT4:
+            return
+        sizes = {"hidden_size (attention q/k/v, expert w_gate_up)": spec.hidden_size,
+                 "num_heads * head_dim (attention o_proj)": spec.q_size,
+                 "intermediate_size (expert w_down)": spec.intermediate_size}
+        bad = {name: k for name, k in sizes.items() if k % self.group_size}
+        if not bad:
+            return
+        common = math.gcd(*sizes.values())
+        valid = [g for g in range(2, common + 1, 2) if common % g == 0]
+        ks = sorted(set(sizes.values()))
+        raise UsageError(
+            f"--group-size {self.group_size} does not divide the int4 reduction size(s) "
+            + ", ".join(f"{name} = {k}" for name, k in bad.items()),
+            expected=f"an even group size dividing {', '.join(map(str, ks))}",
+            found=f"--group-size {self.group_size}",
+            hint=(f"pass --group-size {' | '.join(map(str, valid))}" if valid else
+                  f"no even group size divides {', '.join(map(str, ks))}: export --precision "
+                  "fp8 instead"))
 
     @classmethod
     def parse(cls, precision: str, **kwargs) -> QuantConfig:

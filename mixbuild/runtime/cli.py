@@ -18,6 +18,9 @@ def cli_run(path: str, prompt: str, *, backend: str = "auto", device: str = "cpu
     artifact's default). With `chat` the prompt is one user message through the chat template."""
     from mixbuild.runtime.api import load
 
+    check_text(prompt, "--prompt")
+    for stop in sampling.get("stop") or ():
+        check_text(stop, "--stop")
     start = time.perf_counter()
     model = load(path, backend=backend, device=device, threads=threads, max_batch=1)
     loaded = time.perf_counter() - start
@@ -34,6 +37,22 @@ def cli_run(path: str, prompt: str, *, backend: str = "auto", device: str = "cpu
         echo(result.text)
     echo(summary(result, model.backend, loaded))
     return result
+
+
+def check_text(value: str, option: str) -> None:
+    """Refuse text that is not valid Unicode: on POSIX, argv bytes that are not UTF-8 arrive as
+    lone surrogates (PEP 383), which no tokenizer can encode."""
+    from mixbuild.errors import UsageError
+
+    bad = next(((i, ord(c)) for i, c in enumerate(value) if 0xD800 <= ord(c) <= 0xDFFF), None)
+    if bad is None:
+        return
+    index, code = bad
+    found = (f"byte 0x{code - 0xDC00:02x} at character {index}" if 0xDC80 <= code <= 0xDCFF
+             else f"a lone surrogate U+{code:04X} at character {index}")
+    raise UsageError(f"{option} is not valid UTF-8 text", expected="UTF-8 text", found=found,
+                     hint="pass the text in UTF-8 (convert it with `iconv -t UTF-8`, or set a "
+                          "UTF-8 locale in the terminal)")
 
 
 def summary(result: Result, backend: str, load_s: float | None = None) -> str:

@@ -14,6 +14,7 @@ from enum import Enum
 
 import numpy as np
 
+from mixbuild.errors import ArtifactError
 from mixbuild.runtime.runner import left_pad, positions_from_mask
 from mixbuild.runtime.sampling import SamplingParams, TokenChooser
 from mixbuild.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -165,14 +166,39 @@ def _choose(logits: np.ndarray, rows: np.ndarray, requests: list[Request],
     return np.array([requests[i].choose(logits[row]) for row, i in enumerate(rows)], np.int64)
 
 
-def run_batch(step, cache, requests: list[Request], pad_id: int) -> Iterator[tuple[int, str]]:
-    """Generate every request of one batch; yields (index in `requests`, text piece)."""
+def check_logits(logits: np.ndarray, step: int, rows: np.ndarray, first: int = 0) -> None:
+    """An ArtifactError when a row of `logits` [B, V] holds NaN or Inf: the argmax of a NaN row
+    is the NaN's index (token 0 for an all-NaN row) and sampling from it is undefined, so the
+    runtime must not turn it into a token. `rows` maps batch rows to request indices, offset
+    by `first` (the call's index of the batch's first request)."""
+    finite = np.isfinite(logits).all(axis=-1)
+    if finite.all():
+        return
+    row = int(np.argmin(finite))
+    values = logits[row]
+    nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+    where = "the prompt's prefill" if step == 0 else f"decode step {step}"
+    raise ArtifactError(
+        f"the model produced non-finite logits for request {first + int(rows[row])} (batch row "
+        f"{row}) at generation step {step} ({where})",
+        expected="finite logits", found=f"{nan} NaN and {inf} Inf among {values.size} vocabulary "
+                                        f"entries; {int((~finite).sum())} of {finite.size} rows affected",
+        hint="the model computes NaN/Inf, so no token can be chosen: check it with `mixbuild "
+             "validate`; an fp16 artifact can overflow, so re-export with --dtype bf16 or fp32")
+
+
+def run_batch(step, cache, requests: list[Request], pad_id: int,
+              first: int = 0) -> Iterator[tuple[int, str]]:
+    """Generate every request of one batch; yields (index in `requests`, text piece). `first`
+    is only for error messages: the index of requests[0] among the call's requests."""
     ids, mask = left_pad([r.prompt_ids for r in requests], pad_id)
     cache.reset(len(requests), ids.shape[1] + max(r.budget for r in requests))
     batch = _Batch(requests, mask)
     logits = step(ids, mask, positions_from_mask(mask, ids.shape[1]), cache)
     all_argmax = all(r.choose.plain_greedy for r in requests)
+    steps = 0
     while True:
+        check_logits(logits, steps, batch.rows, first)
         tokens = _choose(logits, batch.rows, requests, all_argmax)
         now = time.perf_counter()
         for row, index in enumerate(batch.rows):
@@ -186,3 +212,4 @@ def run_batch(step, cache, requests: list[Request], pad_id: int) -> Iterator[tup
             batch.compact(keep, cache)
             tokens = tokens[keep]
         logits = step(*batch.decode_inputs(tokens), cache)
+        steps += 1

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mixbuild.errors import UsageError
+from mixbuild.errors import ConfigError, UsageError
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -80,6 +80,16 @@ class SamplingParams:
                              expected=", ".join(f.name for f in dataclasses.fields(self)))
         return dataclasses.replace(self, **changes)
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """A UsageError for a stop token id the model cannot produce (outside [0, vocab_size)):
+        it would never stop anything, silently."""
+        for token in self.stop_token_ids:
+            if not 0 <= token < vocab_size:
+                raise UsageError(f"stop token id {token} is outside the vocabulary",
+                                 expected=f"token ids in [0, {vocab_size}) (vocab_size {vocab_size})",
+                                 found=f"stop_token_ids={list(self.stop_token_ids)}",
+                                 hint="pass ids of this model's tokenizer (--stop-token-id)")
+
     def max_stop_length(self) -> int:
         return max((len(s) for s in self.stop), default=0)
 
@@ -106,20 +116,51 @@ class GenerationDefaults:
     pad_token_id: int = 0
 
     @classmethod
-    def read(cls, directory: Path, spec_eos: int | list[int] | None) -> GenerationDefaults:
+    def read(cls, directory: Path, spec_eos: int | list[int] | None,
+             vocab_size: int | None = None) -> GenerationDefaults:
+        """generation_config.json of `directory` (absent: greedy, the spec's eos ids). Its
+        eos_token_id / pad_token_id must be token ids (integers in [0, vocab_size) when
+        `vocab_size` is given): a ConfigError naming the file, the field and the value."""
         path = Path(directory) / GENERATION_CONFIG
-        config = json.loads(path.read_text()) if path.is_file() else {}
-        eos = token_ids(config.get("eos_token_id", spec_eos))
+        try:
+            config = json.loads(path.read_text()) if path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid JSON", found=str(exc)) from exc
+        if not isinstance(config, dict):
+            raise ConfigError(f"{path}: expected a JSON object", found=type(config).__name__)
+        if "eos_token_id" in config:
+            eos = token_ids(config["eos_token_id"], vocab_size, f"{path}: eos_token_id")
+        else:
+            eos = token_ids(spec_eos, vocab_size, "config.json: eos_token_id")
         pad = config.get("pad_token_id")
-        pad = pad if isinstance(pad, int) else (eos[0] if eos else 0)
+        if pad is not None:
+            (pad,) = token_ids(pad, vocab_size, f"{path}: pad_token_id", allow_list=False)
+        else:
+            pad = eos[0] if eos else 0
         return cls(sampling=_sampling_from_config(config), eos_token_ids=eos, pad_token_id=pad)
 
 
-def token_ids(value) -> tuple[int, ...]:
-    """None, one id or a list of ids (as configs write eos_token_id) -> a tuple of ids."""
+def token_ids(value, vocab_size: int | None = None, what: str = "token ids",
+              allow_list: bool = True) -> tuple[int, ...]:
+    """None, one id or a list of ids (as configs write eos_token_id) -> a tuple of ids. Each
+    must be an integer (a bool or a float is refused, not truncated) and, when `vocab_size` is
+    given, in [0, vocab_size); a ConfigError naming `what` and the value otherwise."""
     if value is None:
         return ()
-    return (value,) if isinstance(value, int) else tuple(int(v) for v in value)
+    many = isinstance(value, (list, tuple)) and allow_list
+    values = list(value) if many else [value]
+    for v in values:
+        integer = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        if integer and v >= 0 and (vocab_size is None or v < vocab_size):
+            continue
+        valid = f"integers in [0, {vocab_size})" if vocab_size is not None else "integers >= 0"
+        raise ConfigError(f"{what} holds {v!r}, which is "
+                          + ("not a token id" if not integer else "outside the vocabulary"),
+                          expected=f"{'a token id or a list of them' if allow_list else 'a token id'}"
+                                   f": {valid}" + (f" (vocab_size {vocab_size})" if vocab_size else ""),
+                          found=repr(value)[:200],
+                          hint="fix the file: token ids come from this model's tokenizer")
+    return tuple(int(v) for v in values)
 
 
 def _sampling_from_config(config: dict[str, Any]) -> SamplingParams:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixbuild.contract import ENGINE_MANIFEST_FILE, PLAN_FILE, EngineBackend, input_names, output_names
+from mixbuild.contract import PLAN_FILE, EngineBackend, input_names, output_names
 from mixbuild.errors import ArtifactError, UsageError
 from mixbuild.model.spec import MixtralSpec
 
@@ -31,16 +31,13 @@ class TrtRunner:
     name = "trt"
 
     def __init__(self, directory: str | Path) -> None:
-        from mixbuild.builder.manifest import read_engine_manifest
+        from mixbuild.builder.manifest import read_engine_manifest, verify_plan
         from mixbuild.plugins.trt_plugins import register_plugins, trt_module
 
         directory = Path(directory)
-        self.manifest = read_engine_manifest(directory)
-        if not isinstance(self.manifest.get("spec"), dict):
-            raise ArtifactError(f"{directory / ENGINE_MANIFEST_FILE} has no model spec",
-                                expected="a 'spec' object", hint="build the engine again")
+        self.manifest = read_engine_manifest(directory)   # every field and its type checked
         self.spec = MixtralSpec.from_dict(self.manifest["spec"])
-        self.profiles = self.manifest.get("profiles") or []
+        self.profiles = self.manifest["profiles"]
         backend = EngineBackend.parse(self.manifest["backend"])
         self.trt = trt = trt_module(backend)  # MissingDependencyError names the extra
         import torch
@@ -48,10 +45,11 @@ class TrtRunner:
         if not torch.cuda.is_available():
             raise UsageError("the trt backend needs a CUDA GPU, and torch sees none",
                              hint="run the artifact with the ort backend on this machine")
-        if self.manifest.get("plugin_registration"):
+        plan = verify_plan(directory, self.manifest)   # never deserialize a changed plan
+        if self.manifest["plugin_registration"]:
             register_plugins(backend)
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine((directory / PLAN_FILE).read_bytes())
+        self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
             raise ArtifactError(f"TensorRT could not deserialize {directory / PLAN_FILE}",
                                 hint="rebuild the engine with this TensorRT version and GPU")

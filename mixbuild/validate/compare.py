@@ -11,6 +11,10 @@
    reference's top-1/top-2 logit margin there.
 3. Per-expert pass (when `expert_weights` is given and the reference emits `debug.{i}.moe_input`):
    every expert's output error on the reference MoE inputs of the tokens routed to it.
+
+NaN or Inf in either runner's outputs fails the validation: the affected metrics are NaN (which
+fails its check), non-finite greedy steps never match, tokens with non-finite router logits
+count as flipped, and `Report.non_finite` says what held them and where.
 """
 
 from __future__ import annotations
@@ -35,6 +39,45 @@ from mixbuild.validate.tolerances import THRESHOLDS, Tolerances
 
 # ----------------------------------------------------------------------------- accumulators
 @dataclass
+class NonFinite:
+    """Where either runner's outputs held NaN or Inf: (runner, output, layer, unit) -> [NaN
+    positions, Inf positions, positions looked at]; `messages` gives the report's lines."""
+
+    counts: dict = field(default_factory=dict)
+
+    def add(self, side: str, what: str, values: np.ndarray, layer: int | None = None) -> None:
+        """Count the positions (rows) of `values` [N, ...] holding a NaN / an Inf."""
+        self.count(side, what, *M.non_finite_counts(values), layer=layer)
+
+    def count(self, side: str, what: str, nan: int, inf: int, total: int,
+              layer: int | None = None, unit: str = "positions") -> None:
+        entry = self.counts.setdefault((side, what, layer, unit), [0, 0, 0])
+        for i, n in enumerate((nan, inf, total)):
+            entry[i] += int(n)
+
+    def messages(self) -> tuple[str, ...]:
+        lines, layered = [], {}
+        for (side, what, layer, unit), (nan, inf, total) in self.counts.items():
+            if not nan and not inf:
+                continue
+            if layer is None:
+                lines += _non_finite_lines(f"{side} {what}", nan, inf, total, unit)
+            else:  # one line per (runner, output): its first layer
+                layered.setdefault((side, what, unit), []).append((layer, nan, inf, total))
+        for (side, what, unit), found in layered.items():
+            layer, nan, inf, total = min(found)
+            more = f" (and {len(found) - 1} later layer(s))" if len(found) > 1 else ""
+            lines += _non_finite_lines(f"{side} {what} of layer {layer}{more}", nan, inf, total,
+                                       unit)
+        return tuple(lines)
+
+
+def _non_finite_lines(label: str, nan: int, inf: int, total: int, unit: str) -> list[str]:
+    return [f"{label} contain {kind} at {count} of {total} {unit}"
+            for kind, count in (("NaN", nan), ("Inf", inf)) if count]
+
+
+@dataclass
 class LogitStats:
     """Whole-model logit metrics pooled over batches (every real position of each)."""
 
@@ -48,11 +91,14 @@ class LogitStats:
     nll_reference: list = field(default_factory=lambda: [0.0, 0])
     nll_artifact: list = field(default_factory=lambda: [0.0, 0])
     sequences: int = 0
+    non_finite: NonFinite = field(default_factory=NonFinite)
 
     def add(self, batch: Batch, ref_logits: np.ndarray, art_logits: np.ndarray) -> None:
         ref = M.real_positions(ref_logits, batch.attention_mask)
         art = M.real_positions(art_logits, batch.attention_mask)
-        self.max_abs = max(self.max_abs, M.max_abs_error(ref, art))
+        self.non_finite.add("reference", "logits", ref)
+        self.non_finite.add("artifact", "logits", art)
+        self.max_abs = M.pooled_max([self.max_abs, M.max_abs_error(ref, art)])
         self.abs_sum += M.mean_abs_error(ref, art) * ref.size
         self.values += ref.size
         self.cosine.append(M.cosine_similarity(ref, art))
@@ -79,18 +125,25 @@ class _LayerStats:
     ref_ids: list = field(default_factory=list)
 
     def add(self, layer: int, ref: dict, art: dict, real: np.ndarray, k: int, near_tie_gap: float,
-            keep_moe_inputs: bool) -> None:
+            keep_moe_inputs: bool, non_finite: NonFinite) -> None:
         tokens = real.reshape(-1)
         hidden, router, moe_input = (kind.name_for(layer) for kind in
                                      (Debug.HIDDEN, Debug.ROUTER_LOGITS, Debug.MOE_INPUT))
         if hidden in ref and hidden in art:
-            self.hidden.append(M.max_abs_error(ref[hidden][real], art[hidden][real]))
+            ref_hidden, art_hidden = ref[hidden][real], art[hidden][real]
+            non_finite.add("reference", "hidden states", ref_hidden, layer)
+            non_finite.add("artifact", "hidden states", art_hidden, layer)
+            self.hidden.append(M.max_abs_error(ref_hidden, art_hidden))
         if router not in ref or router not in art:
             return
-        ref_logits = ref[router][tokens]
-        self.router.append(M.max_abs_error(ref_logits, art[router][tokens]))
+        ref_logits, art_logits = ref[router][tokens], art[router][tokens]
+        non_finite.add("reference", "router logits", ref_logits, layer)
+        non_finite.add("artifact", "router logits", art_logits, layer)
+        self.router.append(M.max_abs_error(ref_logits, art_logits))
         ref_ids, art_ids = (_chosen_experts(out, layer, k)[tokens] for out in (ref, art))
-        flips = M.router_flips(ref_ids, art_ids)
+        # a token whose router logits are not finite on either side has no trustworthy choice
+        flips = M.router_flips(ref_ids, art_ids) | ~(M.finite_rows(ref_logits)
+                                                     & M.finite_rows(art_logits))
         self.flips.append(flips)
         self.near_ties += M.near_tie_flips(flips, ref_logits, k, near_tie_gap)
         if keep_moe_inputs and moe_input in ref:
@@ -113,12 +166,21 @@ class _Greedy:
     total_steps: int = 0
     first: M.Divergence | None = None
     sequences: int = 0
+    non_finite: NonFinite = field(default_factory=NonFinite)
 
-    def add(self, ref: tuple[np.ndarray, np.ndarray], art: tuple[np.ndarray, np.ndarray]) -> None:
-        (ref_tokens, margins), (art_tokens, _) = ref, art
-        self.match_steps += int(M.matching_prefix(ref_tokens, art_tokens).sum())
+    def add(self, ref: tuple[np.ndarray, np.ndarray, np.ndarray],
+            art: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        """ref / art: tokens [B, N], margins [B, N], and per step whether the logits were
+        NaN-free and Inf-free [B, N, 2] (`_greedy_tokens`)."""
+        (ref_tokens, margins, ref_ok), (art_tokens, _, art_ok) = ref, art
+        for side, ok in (("reference", ref_ok), ("artifact", art_ok)):
+            self.non_finite.count(side, "logits", (~ok[..., 0]).sum(),
+                                  (ok[..., 0] & ~ok[..., 1]).sum(), ok[..., 0].size,
+                                  unit="greedy steps")
+        valid = ref_ok.all(axis=-1) & art_ok.all(axis=-1)
+        self.match_steps += int(M.matching_prefix(ref_tokens, art_tokens, valid).sum())
         self.total_steps += ref_tokens.size
-        found = M.greedy_divergence(ref_tokens, art_tokens, margins)
+        found = M.greedy_divergence(ref_tokens, art_tokens, margins, valid)
         if found is not None:
             found = dataclasses.replace(found, sequence=found.sequence + self.sequences)
             if self.first is None or found.step < self.first.step:
@@ -159,19 +221,23 @@ def _teacher_forced(reference, artifact, spec, batches, tolerances, keep_moe_inp
         logits.add(batch, ref[LOGITS], art[LOGITS])
         real = batch.attention_mask.astype(bool)
         for i, stats in enumerate(layers):
-            stats.add(i, ref, art, real, spec.top_k, tolerances.router_near_tie_gap, keep_moe_inputs)
+            stats.add(i, ref, art, real, spec.top_k, tolerances.router_near_tie_gap, keep_moe_inputs,
+                      logits.non_finite)
     return logits, layers
 
 
 def _greedy_tokens(runner: Runner, spec: MixtralSpec, batch: Batch, steps: int, kv_dtype):
-    """`steps` greedy tokens [B, steps] and the top-1/top-2 logit margins at each step."""
-    tokens, margins = [], []
+    """`steps` greedy tokens [B, steps], the top-1/top-2 logit margins at each step, and per
+    step whether the logits held no NaN and no Inf [B, steps, 2] (the argmax of a row with a
+    NaN is that NaN's index, so such a step must not count as a match)."""
+    tokens, margins, ok = [], [], []
     for _, out in greedy_steps(runner, spec, batch.input_ids, batch.attention_mask, steps - 1,
                                kv_dtype=kv_dtype):
         last = out[LOGITS][:, -1]
         tokens.append(last.argmax(-1))
         margins.append(M.logit_margin(last))
-    return np.stack(tokens, axis=1), np.stack(margins, axis=1)
+        ok.append(np.stack([~np.isnan(last).any(-1), ~np.isinf(last).any(-1)], axis=-1))
+    return np.stack(tokens, axis=1), np.stack(margins, axis=1), np.stack(ok, axis=1)
 
 
 def _greedy(reference, artifact, spec, batches, steps, kv_dtype, progress) -> _Greedy:
@@ -202,13 +268,14 @@ def _layer_report(index: int, stats: _LayerStats, experts) -> LayerReport:
     errors, counts = experts if experts is not None else ((), ())
     return LayerReport(
         layer=index,
-        hidden_max_abs=max(stats.hidden) if stats.hidden else None,
-        router_logits_max_abs=max(stats.router) if stats.router else None,
+        hidden_max_abs=M.pooled_max(stats.hidden),
+        router_logits_max_abs=M.pooled_max(stats.router),
         router_flip_rate=float(flips.mean()) if flips is not None and flips.size else None,
         router_flips=int(flips.sum()) if flips is not None else None,
         near_tie_flips=stats.near_ties if flips is not None else None,
         tokens=int(flips.size) if flips is not None else 0,
-        expert_max_abs=tuple(None if np.isnan(e) else float(e) for e in errors),
+        # None for an expert no token chose; a chosen expert's NaN error stays NaN
+        expert_max_abs=tuple(None if c == 0 else float(e) for e, c in zip(errors, counts)),
         expert_tokens=tuple(int(c) for c in counts))
 
 
@@ -233,7 +300,8 @@ def _metrics(logits: LogitStats, greedy: _Greedy, layers: tuple[LayerReport, ...
         first_divergence=greedy.first,
         router_flip_rate=max(rates) if rates else None,
         router_flip_rate_mean=flips / routed if routed else None,
-        top1_agreement_ci95=M.wilson_interval(int(top1.sum()), int(top1.size)))
+        # a non-finite position counts as a disagreement
+        top1_agreement_ci95=M.wilson_interval(int(np.nansum(top1)), int(top1.size)))
 
 
 def _checks(metrics: Metrics, tolerances: Tolerances) -> tuple[tuple[Check, ...], tuple[str, ...]]:
@@ -249,15 +317,28 @@ def _checks(metrics: Metrics, tolerances: Tolerances) -> tuple[tuple[Check, ...]
 
 
 def worst_location(layers: Sequence[LayerReport]) -> Worst | None:
-    """The (layer, expert) with the largest expert output error; without a non-zero expert
+    """The first layer whose hidden-state error is not finite (NaN or Inf on either side);
+    else the (layer, expert) with the largest expert output error; without a non-zero expert
     error, the layer whose hidden-state error grew the most over the previous layer's. None
     when there is nothing to point at (no per-layer data, or no error anywhere)."""
-    return _worst_expert(layers) or _worst_hidden_growth(layers)
+    return _first_non_finite(layers) or _worst_expert(layers) or _worst_hidden_growth(layers)
+
+
+def _first_non_finite(layers: Sequence[LayerReport]) -> Worst | None:
+    for lr in layers:
+        if lr.hidden_max_abs is not None and not np.isfinite(lr.hidden_max_abs):
+            return Worst(layer=lr.layer, expert=None, value=lr.hidden_max_abs,
+                         basis="hidden_non_finite")
+    return None
 
 
 def _worst_expert(layers: Sequence[LayerReport]) -> Worst | None:
     found = [(value, lr.layer, expert) for lr in layers
              for expert, value in enumerate(lr.expert_max_abs) if value is not None]
+    bad = [t for t in found if not np.isfinite(t[0])]
+    if bad:  # a NaN / Inf expert error is the worst there is (max() would not see a NaN)
+        value, layer, expert = bad[0]
+        return Worst(layer=layer, expert=expert, value=value, basis="expert_max_abs")
     if not found or max(found)[0] <= 0.0:
         return None
     value, layer, expert = max(found, key=lambda t: t[0])
@@ -297,6 +378,11 @@ def validate(reference: Runner, artifact: Runner, spec: MixtralSpec, batches: Se
     checks, skipped = _checks(metrics, tolerances)
     if expert_weights is not None and all(e is None for e in experts):
         skipped += ("expert_max_abs",)
-    return Report(passed=all(c.passed for c in checks), precision=tolerances.precision.value,
-                  backend=artifact.name, reference=reference.name, metrics=metrics, layers=layers,
-                  checks=checks, worst=worst_location(layers), skipped=skipped)
+    non_finite = logits.non_finite.messages() + greedy.non_finite.messages() + tuple(
+        f"expert output error of layer {lr.layer}, expert {e} is not finite ({value})"
+        for lr in layers for e, value in enumerate(lr.expert_max_abs)
+        if value is not None and not np.isfinite(value))
+    return Report(passed=all(c.passed for c in checks) and not non_finite,
+                  precision=tolerances.precision.value, backend=artifact.name,
+                  reference=reference.name, metrics=metrics, layers=layers, checks=checks,
+                  worst=worst_location(layers), skipped=skipped, non_finite=non_finite)

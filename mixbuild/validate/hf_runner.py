@@ -30,7 +30,7 @@ from mixbuild.contract import (
     present_key,
     present_value,
 )
-from mixbuild.model.checkpoint import Checkpoint
+from mixbuild.model.checkpoint import Checkpoint, check_finite_tensor
 
 
 class HFRunner:
@@ -46,6 +46,7 @@ class HFRunner:
         self.spec = ckpt.spec
         self.model = MixtralForCausalLM.from_pretrained(
             str(ckpt.path), dtype=getattr(torch, dtype), attn_implementation="eager").eval()
+        _check_finite(self.model, ckpt)
         self.router_logits, self.hidden_states, self.moe_inputs = router_logits, hidden_states, moe_inputs
         self._captured: dict[str, object] = {}
         for i, layer in enumerate(self.model.model.layers):
@@ -105,6 +106,19 @@ class HFRunner:
             result[name] = tensor.numpy() if not tensor.is_floating_point() else tensor.float().numpy()
         self._captured.clear()
         return result
+
+
+def _check_finite(model, ckpt: Checkpoint) -> None:
+    """Refuse (CheckpointError) a reference whose weights hold NaN or Inf: a non-finite oracle
+    would make every comparison meaningless. The loaded parameters are checked in memory; only
+    when one is not finite is the checkpoint read again, to name the tensor as stored."""
+    from mixbuild.tensors import all_finite
+
+    for name, param in model.named_parameters():
+        if not all_finite(param.detach()):
+            for _ in ckpt.check_values():  # raises naming the stored tensor
+                pass
+            check_finite_tensor(param, f"{name} (as transformers loaded it)")
 
 
 def _int32():

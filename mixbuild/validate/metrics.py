@@ -5,6 +5,11 @@ Logits arguments are [N, V] arrays of the positions to compare (padding already 
 `real_positions`), the reference first and the artifact second. Reductions over positions that
 feed an accumulated metric (KL, cosine, agreement) return per-position arrays, so callers can
 pool several batches before averaging.
+
+Non-finite values never score well: a position whose logits (either side) hold NaN or Inf gets
+NaN for its cosine, KL and top-k agreement, the error metrics are NaN when any value is not
+finite, and a NaN fails every tolerance check (`tolerances.Tolerances.check`). Pool with
+`pooled_max` / numpy reductions, which propagate NaN, never with Python's `max`, which does not.
 """
 
 from __future__ import annotations
@@ -27,6 +32,34 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def _rows(values: np.ndarray) -> np.ndarray:
+    """[N, ...] -> [N, M] (M = the product of the other dims)."""
+    values = np.asarray(values)
+    return values.reshape(values.shape[0], int(np.prod(values.shape[1:], dtype=np.int64)))
+
+
+def finite_rows(values: np.ndarray) -> np.ndarray:
+    """Per position, whether all its values are finite: [N, ...] -> [N] bool."""
+    return np.isfinite(_rows(values)).all(axis=-1)
+
+
+def non_finite_counts(values: np.ndarray) -> tuple[int, int, int]:
+    """(positions holding a NaN, positions holding an Inf but no NaN, positions) of [N, ...]."""
+    flat = _rows(values)
+    nan = np.isnan(flat).any(axis=-1)
+    inf = np.isinf(flat).any(axis=-1) & ~nan
+    return int(nan.sum()), int(inf.sum()), int(flat.shape[0])
+
+
+def pooled_max(values) -> float | None:
+    """The largest of per-batch maxima, NaN if any is NaN (Python's max drops a NaN that is not
+    first); None for no values."""
+    values = [float(v) for v in values]
+    if not values:
+        return None
+    return float("nan") if any(np.isnan(v) for v in values) else max(values)
+
+
 def topk_ids(values: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest values along the last axis, largest first, ties to the lower id."""
     return np.argsort(-values, axis=-1, kind="stable")[..., :k]
@@ -34,35 +67,46 @@ def topk_ids(values: np.ndarray, k: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- logits
 def max_abs_error(reference: np.ndarray, artifact: np.ndarray) -> float:
-    """Largest absolute elementwise difference (0.0 for empty inputs). Used for logits, router
-    logits and hidden states alike."""
+    """Largest absolute elementwise difference (0.0 for empty inputs; NaN when either side holds
+    a NaN or an Inf: the error is then not measurable). Used for logits, router logits and
+    hidden states alike."""
     if reference.size == 0:
         return 0.0
+    if not (np.isfinite(reference).all() and np.isfinite(artifact).all()):
+        return float("nan")
     return float(np.abs(reference.astype(np.float64) - artifact.astype(np.float64)).max())
 
 
 def mean_abs_error(reference: np.ndarray, artifact: np.ndarray) -> float:
-    """Mean absolute elementwise difference (0.0 for empty inputs)."""
+    """Mean absolute elementwise difference (0.0 for empty inputs, NaN when a value is not
+    finite)."""
     if reference.size == 0:
         return 0.0
+    if not (np.isfinite(reference).all() and np.isfinite(artifact).all()):
+        return float("nan")
     return float(np.abs(reference.astype(np.float64) - artifact.astype(np.float64)).mean())
 
 
 def cosine_similarity(reference: np.ndarray, artifact: np.ndarray) -> np.ndarray:
     """Cosine similarity of each position's vectors: [N, V] x [N, V] -> [N].
 
-    Two zero vectors are identical (1.0); a zero vector against a non-zero one scores 0.0.
+    Two zero vectors are identical (1.0); a zero vector against a non-zero one scores 0.0; a
+    position where either side holds NaN or Inf is NaN.
     """
-    a, b = reference.astype(np.float64), artifact.astype(np.float64)
+    ok = finite_rows(reference) & finite_rows(artifact)
+    a = np.where(ok[:, None], reference.astype(np.float64), 0.0)
+    b = np.where(ok[:, None], artifact.astype(np.float64), 0.0)
     dot = (a * b).sum(axis=-1)
     norm_a, norm_b = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
     norms = norm_a * norm_b
     cos = np.divide(dot, norms, out=np.zeros_like(dot), where=norms > 0)
-    return np.where((norm_a == 0) & (norm_b == 0), 1.0, np.clip(cos, -1.0, 1.0))
+    cos = np.where((norm_a == 0) & (norm_b == 0), 1.0, np.clip(cos, -1.0, 1.0))
+    return np.where(ok, cos, np.nan)
 
 
 def cosine_min(reference: np.ndarray, artifact: np.ndarray) -> float:
-    """The smallest per-position cosine similarity (1.0 when there are no positions)."""
+    """The smallest per-position cosine similarity (1.0 when there are no positions, NaN when
+    any position is NaN)."""
     cos = cosine_similarity(reference, artifact)
     return float(cos.min()) if cos.size else 1.0
 
@@ -71,24 +115,30 @@ def kl_divergence(reference: np.ndarray, artifact: np.ndarray) -> np.ndarray:
     """KL(reference || artifact) of the next-token distributions at each position: [N, V] -> [N].
 
     Both sides go through a float64 log-softmax; the sum runs over the reference's support, so
-    a token the reference gives probability 0 contributes nothing. Never negative.
+    a token the reference gives probability 0 contributes nothing. Never negative; NaN at a
+    position where either side holds NaN or Inf.
     """
-    log_p, log_q = log_softmax(reference), log_softmax(artifact)
+    ok = finite_rows(reference) & finite_rows(artifact)
+    log_p = log_softmax(np.where(ok[:, None], reference, 0.0))
+    log_q = log_softmax(np.where(ok[:, None], artifact, 0.0))
     p = np.exp(log_p)
     kl = (p * (log_p - log_q)).sum(axis=-1)
-    return np.maximum(kl, 0.0)
+    return np.where(ok, np.maximum(kl, 0.0), np.nan)
 
 
 def topk_agreement(reference: np.ndarray, artifact: np.ndarray, k: int) -> np.ndarray:
     """Per position, the overlap of the two top-k token sets divided by k: [N, V] -> [N] in [0, 1].
 
     For k = 1 this is 1.0 where the argmax tokens agree and 0.0 where they differ; the mean over
-    positions is the top-k agreement. Ties go to the lower token id on both sides.
+    positions is the top-k agreement. Ties go to the lower token id on both sides. A position
+    where either side holds NaN or Inf is NaN (argsort would rank NaN as it pleases: an all-NaN
+    row has "top-1" token 0 on both sides, which must not count as agreement).
     """
     k = min(k, reference.shape[-1])
+    ok = finite_rows(reference) & finite_rows(artifact)
     ref, art = topk_ids(reference, k), topk_ids(artifact, k)
     hits = (ref[:, :, None] == art[:, None, :]).any(axis=-1).sum(axis=-1)
-    return hits / float(k)
+    return np.where(ok, hits / float(k), np.nan)
 
 
 # ----------------------------------------------------------------------------- perplexity
@@ -105,10 +155,13 @@ def next_token_targets(input_ids: np.ndarray, attention_mask: np.ndarray):
 def negative_log_likelihood(logits: np.ndarray, targets: np.ndarray,
                             mask: np.ndarray) -> tuple[float, int]:
     """Summed NLL (natural log, float64) of `targets` [B, S] under `logits` [B, S, V] over the
-    positions where `mask` [B, S] is set, and how many positions that was. Sums pool batches."""
+    positions where `mask` [B, S] is set, and how many positions that was. Sums pool batches.
+    The sum is NaN when any of those positions holds NaN or Inf."""
     mask = mask.astype(bool)
     if not mask.any():
         return 0.0, 0
+    if not np.isfinite(logits[mask]).all():
+        return float("nan"), int(mask.sum())
     logp = log_softmax(logits[mask])
     picked = np.take_along_axis(logp, targets[mask].astype(np.int64)[:, None], axis=-1)
     return float(-picked.sum()), int(mask.sum())
@@ -163,16 +216,23 @@ class Divergence:
 
 
 def logit_margin(logits: np.ndarray) -> np.ndarray:
-    """Top-1 minus top-2 logit along the last axis: [..., V] -> [...]."""
+    """Top-1 minus top-2 logit along the last axis: [..., V] -> [...]; NaN where a logit is
+    not finite."""
     if logits.shape[-1] < 2:
         return np.full(logits.shape[:-1], np.inf)
     top2 = np.sort(logits.astype(np.float64), axis=-1)[..., -2:]
-    return top2[..., 1] - top2[..., 0]
+    margin = top2[..., 1] - top2[..., 0]
+    return np.where(np.isfinite(logits).all(axis=-1), margin, np.nan)
 
 
-def matching_prefix(reference_tokens: np.ndarray, artifact_tokens: np.ndarray) -> np.ndarray:
-    """Per row of two [B, N] greedy token arrays, how many leading tokens agree: [B]."""
+def matching_prefix(reference_tokens: np.ndarray, artifact_tokens: np.ndarray,
+                    valid: np.ndarray | None = None) -> np.ndarray:
+    """Per row of two [B, N] greedy token arrays, how many leading tokens agree: [B]. `valid`
+    [B, N] (both sides' logits finite at that step) False makes a step disagree whatever
+    tokens the two argmaxes returned."""
     same = reference_tokens == artifact_tokens
+    if valid is not None:
+        same = same & valid
     if same.shape[1] == 0:
         return np.zeros(same.shape[0], np.int64)
     first_diff = np.where(same.all(axis=1), same.shape[1], np.argmin(same, axis=1))
@@ -180,13 +240,15 @@ def matching_prefix(reference_tokens: np.ndarray, artifact_tokens: np.ndarray) -
 
 
 def greedy_divergence(reference_tokens: np.ndarray, artifact_tokens: np.ndarray,
-                      reference_margins: np.ndarray) -> Divergence | None:
+                      reference_margins: np.ndarray,
+                      valid: np.ndarray | None = None) -> Divergence | None:
     """The earliest step where any row's greedy tokens differ, or None when all agree.
 
     reference_tokens / artifact_tokens: [B, N]; reference_margins: [B, N] top-1 minus top-2
-    logits of the reference at each step (see `logit_margin`). Ties pick the lowest row.
+    logits of the reference at each step (see `logit_margin`); valid: as in
+    `matching_prefix`. Ties pick the lowest row.
     """
-    prefix = matching_prefix(reference_tokens, artifact_tokens)
+    prefix = matching_prefix(reference_tokens, artifact_tokens, valid)
     steps = reference_tokens.shape[1]
     if (prefix >= steps).all():
         return None

@@ -8,7 +8,8 @@ logits_cosine_min, kl_mean, top1_agreement, top5_agreement, ppl_reference, ppl_a
 ppl_rel_delta, greedy_match_steps, greedy_steps, first_divergence, ...), layers (layer,
 hidden_max_abs, router_logits_max_abs, router_flip_rate, near_tie_flips, expert_max_abs, ...),
 checks ({metric: {value, threshold, bound, passed}}), worst ({layer, expert, value, basis} or
-null), skipped (metrics that could not be measured).
+null), skipped (metrics that could not be measured), non_finite (what held NaN or Inf; any entry
+fails the report).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def _worst_text(report: Report) -> str:
     if w is None:
         return "no per-layer error to localise"
     where = f"layer {w.layer}" + (f", expert {w.expert}" if w.expert is not None else "")
+    if w.basis == "hidden_non_finite":
+        return f"{where} (the first layer whose hidden-state error is not finite)"
     basis = "expert output max abs error" if w.basis == "expert_max_abs" else "hidden error growth"
     return f"{where} ({basis} {w.value:.4g})"
 
@@ -105,6 +108,7 @@ def render_markdown(report: Report) -> str:
              f"- reference: `{report.reference}`",
              f"- {m.sequences} sequences, {m.positions} compared positions; {_agreement_text(m)}",
              f"- {_divergence_text(report)}", f"- worst: {_worst_text(report)}"]
+    lines += [f"- **non-finite values**: {line}" for line in report.non_finite]
     if report.skipped:
         lines.append(f"- skipped (not measurable with these runners): {', '.join(report.skipped)}")
     lines += ["", "## Checks", "", "| metric | value | bound | threshold | result |",
@@ -242,6 +246,7 @@ def _integer_ticks(*axes) -> None:
 def print_summary(report: Report, console=None) -> None:
     """A compact rich table of the checks, then the verdict, greedy result and worst location."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -257,5 +262,7 @@ def print_summary(report: Report, console=None) -> None:
                   f"{fmt(report.metrics.ppl_artifact)}; {_divergence_text(report)}")
     console.print(_agreement_text(report.metrics))
     console.print(f"worst: {_worst_text(report)}")
+    for line in report.non_finite:
+        console.print(f"[bold red]non-finite values:[/bold red] {escape(line)}")
     if report.skipped:
         console.print(f"skipped: {', '.join(report.skipped)}")

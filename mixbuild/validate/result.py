@@ -72,7 +72,8 @@ class LayerReport:
 class Worst:
     """Where the error most likely comes from.
 
-    basis 'expert_max_abs': the (layer, expert) with the largest expert output error;
+    basis 'hidden_non_finite': the first layer whose hidden-state error is NaN or Inf (expert
+    None); 'expert_max_abs': the (layer, expert) with the largest expert output error;
     'hidden_growth': no expert errors, so the layer whose output error grew most over its input's
     (expert is None)."""
 
@@ -93,6 +94,9 @@ class Report:
     checks: tuple[Check, ...]
     worst: Worst | None
     skipped: tuple[str, ...] = ()
+    # what held NaN or Inf, e.g. "artifact logits contain NaN at 12 of 96 positions"; any
+    # entry fails the report, whatever the checks say
+    non_finite: tuple[str, ...] = ()
 
     @property
     def failed_checks(self) -> tuple[Check, ...]:

@@ -85,9 +85,11 @@ class Tolerances:
                                  expected=f"{low} <= {name} <= {high}", found=repr(value))
 
     def check(self, name: str, value: float | None) -> Check:
-        """Compare one metric with its threshold; a None or NaN value fails."""
+        """Compare one metric with its threshold; a None, NaN or infinite value fails (a metric
+        over NaN / Inf outputs is NaN, and no bound is met by an infinity that is not an
+        error: -inf <= threshold must not pass)."""
         bound, threshold = THRESHOLDS[name], getattr(self, name)
-        measured = value is not None and not math.isnan(value)
+        measured = value is not None and math.isfinite(value)
         passed = measured and bound.holds(float(value), threshold)
         return Check(name=name, value=value, threshold=threshold, bound=bound.value,
                      passed=bool(passed))

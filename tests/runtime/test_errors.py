@@ -13,6 +13,7 @@ from mixbuild.contract import ENGINE_FORMAT_VERSION
 from mixbuild.errors import ArtifactError, MissingDependencyError, MixbuildError, UsageError
 from mixbuild.runtime import Model
 from mixbuild.runtime.ort_runner import OrtRunner
+from tests.helpers import write_engine_dir
 
 
 def test_unknown_backend(runtime_artifact):
@@ -96,13 +97,7 @@ def test_chat_without_a_template(ort_model):
 
 
 def test_trt_needs_cuda_and_names_its_extra(tmp_path, ort_model, monkeypatch):
-    engine = tmp_path / "engine"
-    engine.mkdir()
-    (engine / "engine.plan").write_bytes(b"not a plan")
-    (engine / "engine.json").write_text(json.dumps({
-        "kind": "engine", "format_version": ENGINE_FORMAT_VERSION, "spec": ort_model.spec.to_dict(),
-        "backend": "tensorrt",
-        "plugin_registration": None, "profiles": []}))
+    engine = write_engine_dir(tmp_path / "engine", ort_model.spec, backend="tensorrt")
     with pytest.raises(UsageError, match="CUDA GPU"):
         rt.load(engine, backend="trt")
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # as if not installed
@@ -122,7 +117,7 @@ def test_trt_manifest_errors(tmp_path):
         TrtRunner(tmp_path)
     manifest = {"kind": "engine", "format_version": ENGINE_FORMAT_VERSION}
     (tmp_path / "engine.json").write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="no model spec"):
+    with pytest.raises(ArtifactError, match="required field 'backend' is missing"):
         TrtRunner(tmp_path)
 
 
@@ -166,9 +161,6 @@ def test_trt_without_a_gpu(tmp_path, ort_model):
 
     if importlib.util.find_spec("tensorrt_rtx") is None or torch.cuda.is_available():
         pytest.skip("needs tensorrt_rtx installed on a machine without a GPU")
-    (tmp_path / "engine.plan").write_bytes(b"junk")
-    (tmp_path / "engine.json").write_text(json.dumps({
-        "kind": "engine", "format_version": ENGINE_FORMAT_VERSION, "spec": ort_model.spec.to_dict(),
-        "backend": "tensorrt-rtx", "plugin_registration": None, "profiles": []}))
+    write_engine_dir(tmp_path, ort_model.spec, plan=b"junk", backend="tensorrt-rtx")
     with pytest.raises(UsageError, match="needs a CUDA GPU"):
         rt.load(tmp_path, device="cuda")
