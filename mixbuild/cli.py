@@ -108,6 +108,33 @@ def inspect(path: str, as_json: bool, no_values: bool, config_only: bool) -> Non
         render(report)
 
 
+# export options that only some precisions read: parameter name -> those precisions
+_PRECISION_OPTIONS = {"calib": ("fp8", "int4"), "calib_tokens": ("fp8", "int4"),
+                      "int4_method": ("int4",), "group_size": ("int4",),
+                      "fp8_weight_scales": ("fp8",)}
+
+
+def _refuse_unused_options(ctx: click.Context, precision: str) -> None:
+    """A UsageError for an option the user set (on the command line or through the
+    environment) that the chosen --precision ignores: a silently ignored --group-size would
+    leave the user believing it was applied."""
+    from click.core import ParameterSource
+
+    from mixbuild.errors import UsageError
+
+    for name, applies in _PRECISION_OPTIONS.items():
+        if ctx.get_parameter_source(name) not in (ParameterSource.COMMANDLINE,
+                                                  ParameterSource.ENVIRONMENT):
+            continue
+        if precision in applies:
+            continue
+        flag = "--" + name.replace("_", "-")
+        raise UsageError(f"{flag} has no effect with --precision {precision}",
+                         expected=f"{flag} only with --precision {' or '.join(applies)}",
+                         found=f"{flag} {ctx.params[name]} with --precision {precision}",
+                         hint=f"drop {flag}, or export with --precision {applies[-1]}")
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path(file_okay=False, path_type=str))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
@@ -129,17 +156,30 @@ def inspect(path: str, as_json: bool, no_values: bool, config_only: bool) -> Non
 @click.option("--debug-outputs", is_flag=True,
               help="Also output per-layer router logits, chosen experts and hidden states "
                    "(for `mixbuild validate`).")
+@click.option("--layout", type=click.Choice(["concat", "serving"]), default="concat",
+              show_default=True,
+              help="KV-cache contract: concat (past in, present out; Optimum / onnxruntime-genai "
+                   "names) or serving (one fixed-capacity cache per layer updated in place, "
+                   "per-row lengths, last-token logits; docs/contract.md).")
+@click.option("--all-logits", is_flag=True,
+              help="Serving layout: return the logits of every position, not only the last.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @handles_errors
 def export(checkpoint: str, out: str, dtype: str, precision: str, calib: str | None,
            calib_tokens: int, int4_method: str, group_size: int, fp8_weight_scales: str,
-           debug_outputs: bool, overwrite: bool) -> None:
+           debug_outputs: bool, layout: str, all_logits: bool, overwrite: bool) -> None:
     """Export a Hugging Face Mixtral checkpoint to an ONNX artifact with MoE custom ops."""
     import time
 
     from mixbuild.exporter.export import export_checkpoint
     from mixbuild.progress import human_bytes
 
+    _refuse_unused_options(click.get_current_context(), precision)
+    if dtype == "bf16":
+        click.echo("warning: ONNX Runtime's CPU provider cannot run a bf16 artifact (so neither "
+                   "can `mixbuild run --device cpu` nor `mixbuild validate`): it needs a GPU "
+                   "provider (--device cuda) or a TensorRT engine (`mixbuild engine`); export "
+                   "--dtype fp32 or fp16 for ONNX Runtime on the CPU", err=True)
     quant = None
     if precision != "float":
         from mixbuild.quant.config import QuantConfig
@@ -149,7 +189,7 @@ def export(checkpoint: str, out: str, dtype: str, precision: str, calib: str | N
                                   calib_file=calib, calib_tokens=calib_tokens)
     start = time.perf_counter()
     path = export_checkpoint(checkpoint, out, dtype=dtype, debug_outputs=debug_outputs,
-                             overwrite=overwrite, quant=quant)
+                             overwrite=overwrite, quant=quant, layout=layout, all_logits=all_logits)
     size = sum(p.stat().st_size for p in path.iterdir())
     click.echo(f"exported {path} ({precision if quant else dtype}, {human_bytes(size)}) in "
                f"{time.perf_counter() - start:.1f} s")

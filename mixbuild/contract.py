@@ -28,6 +28,8 @@ DATA_FILE = "model.onnx.data"            # external data of model.onnx
 MANIFEST_FILE = "mixbuild.json"           # the artifact manifest
 SMOOTHING_FILE = "smoothing.safetensors"  # AWQ smoothing factors of a quantized artifact
 EXPERT_LOAD_PLOT = "expert_load.png"      # calibration routing of a quantized artifact
+GENAI_CONFIG_FILE = "genai_config.json"   # onnxruntime-genai's model config (concat layout)
+HF_CONFIG_FILE = "config.json"            # the checkpoint's Hugging Face config (concat layout)
 PLAN_FILE = "engine.plan"
 ENGINE_MANIFEST_FILE = "engine.json"
 REPORT_FILE = "report.json"              # a validation report (with report.md, report.png)
@@ -39,6 +41,7 @@ ENGINE_FORMAT_VERSION = 2                 # 2: "backend" is the EngineBackend va
 # -------------------------------------------------------------------------------------- ONNX
 
 OPSET = 21                      # blocked DequantizeLinear (int4) needs 21
+SERVING_OPSET = 24              # the serving layout's TensorScatter needs 24
 DOMAIN = "mixbuild"             # custom-op domain of MoEGate / MoEExperts
 DOMAIN_VERSION = 1
 GATE_OP = "MoEGate"
@@ -60,6 +63,18 @@ class QuantScheme(str, Enum):
         return choice(cls, value, "MoE quantization scheme")
 
 
+class Layout(str, Enum):
+    """How an artifact's KV cache crosses the graph boundary (docs/contract.md)."""
+
+    CONCAT = "concat"     # past in, past+new out (Optimum / onnxruntime-genai names)
+    SERVING = "serving"   # one fixed-capacity cache per layer, written in place at per-row
+    #                       positions; per-row lengths; last-token logits
+
+    @classmethod
+    def parse(cls, value) -> Layout:
+        return choice(cls, value, "KV-cache layout")
+
+
 # ------------------------------------------------------------------------------ tensor names
 
 INPUT_IDS = "input_ids"              # int64 [B, S]
@@ -67,6 +82,12 @@ ATTENTION_MASK = "attention_mask"    # int64 [B, P+S]
 POSITION_IDS = "position_ids"        # int64 [B, S]
 LOGITS = "logits"                    # float32 [B, S, V]
 TOKEN_INPUTS = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)
+# the serving layout
+CACHE_LENGTHS = "cache_lengths"      # int64 [B]: valid positions in row b's cache = where its new
+#                                      tokens are written
+INPUT_LENGTHS = "input_lengths"      # int64 [B]: valid tokens of row b in input_ids (right-padded;
+#                                      0 for an idle row)
+SERVING_INPUTS = (INPUT_IDS, POSITION_IDS, CACHE_LENGTHS, INPUT_LENGTHS)
 
 
 def past_key(layer: int) -> str:
@@ -85,6 +106,29 @@ def present_value(layer: int) -> str:
     return f"present.{layer}.value"
 
 
+def cache_key(layer: int) -> str:
+    return f"cache.{layer}.key"
+
+
+def cache_value(layer: int) -> str:
+    return f"cache.{layer}.value"
+
+
+def updated_key(layer: int) -> str:
+    return f"updated_cache.{layer}.key"
+
+
+def updated_value(layer: int) -> str:
+    return f"updated_cache.{layer}.value"
+
+
+def cache_pairs(num_layers: int) -> list[tuple[str, str]]:
+    """Serving layout: (cache input, updated cache output) per cache tensor, in graph order. A
+    runtime binds both names of a pair to one buffer, so the update happens in place."""
+    return [pair for i in range(num_layers)
+            for pair in ((cache_key(i), updated_key(i)), (cache_value(i), updated_value(i)))]
+
+
 def kv_pairs(num_layers: int) -> list[tuple[str, str]]:
     """(past input, present output) for every cache tensor, in graph order (key, value per layer)."""
     return [pair for i in range(num_layers)
@@ -100,7 +144,7 @@ def kv_outputs(num_layers: int) -> list[str]:
 
 
 def is_kv_input(name: str) -> bool:
-    return name.startswith("past_key_values.")
+    return name.startswith(("past_key_values.", "cache."))
 
 
 class Debug(str, Enum):
@@ -145,9 +189,12 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype}
 
 
-def io_specs(spec: MixtralSpec, kv_dtype: DType, debug: bool = False
+def io_specs(spec: MixtralSpec, kv_dtype: DType, debug: bool = False,
+             layout: Layout = Layout.CONCAT, all_logits: bool = False
              ) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Every input and output of an artifact of `spec`, in graph order."""
+    if layout is Layout.SERVING:
+        return _serving_io(spec, kv_dtype, debug, all_logits)
     kv, nkv, d = kv_dtype.value, spec.num_kv_heads, spec.head_dim
     inputs = [TensorSpec(INPUT_IDS, "int64", ("batch", "seq")),
               TensorSpec(ATTENTION_MASK, "int64", ("batch", "total_seq")),
@@ -157,12 +204,31 @@ def io_specs(spec: MixtralSpec, kv_dtype: DType, debug: bool = False
     outputs += [TensorSpec(n, kv, ("batch", nkv, "total_seq", d))
                 for n in kv_outputs(spec.num_layers)]
     if debug:
-        kinds = {Debug.ROUTER_LOGITS: (kv, ("tokens", spec.num_experts)),
-                 Debug.EXPERT_IDS: ("int32", ("tokens", spec.top_k)),
-                 Debug.HIDDEN: (kv, ("batch", "seq", spec.hidden_size))}
-        outputs += [TensorSpec(kind.name_for(i), *kinds[kind])
-                    for i in range(spec.num_layers) for kind in Debug.exported()]
+        outputs += _debug_specs(spec, kv)
     return inputs, outputs
+
+
+def _debug_specs(spec: MixtralSpec, kv: str) -> list[TensorSpec]:
+    kinds = {Debug.ROUTER_LOGITS: (kv, ("tokens", spec.num_experts)),
+             Debug.EXPERT_IDS: ("int32", ("tokens", spec.top_k)),
+             Debug.HIDDEN: (kv, ("batch", "seq", spec.hidden_size))}
+    return [TensorSpec(kind.name_for(i), *kinds[kind])
+            for i in range(spec.num_layers) for kind in Debug.exported()]
+
+
+def _serving_io(spec: MixtralSpec, kv_dtype: DType, debug: bool, all_logits: bool
+                ) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    kv, nkv, d = kv_dtype.value, spec.num_kv_heads, spec.head_dim
+    cache = ("batch", nkv, "capacity", d)
+    inputs = [TensorSpec(INPUT_IDS, "int64", ("batch", "seq")),
+              TensorSpec(POSITION_IDS, "int64", ("batch", "seq")),
+              TensorSpec(CACHE_LENGTHS, "int64", ("batch",)),
+              TensorSpec(INPUT_LENGTHS, "int64", ("batch",))]
+    inputs += [TensorSpec(name, kv, cache) for name, _ in cache_pairs(spec.num_layers)]
+    logits = ("batch", "seq", spec.vocab_size) if all_logits else ("batch", spec.vocab_size)
+    outputs = [TensorSpec(LOGITS, "float32", logits)]
+    outputs += [TensorSpec(name, kv, cache) for _, name in cache_pairs(spec.num_layers)]
+    return inputs, outputs + (_debug_specs(spec, kv) if debug else [])
 
 
 # ---------------------------------------------------------------- dtypes, precisions, backends

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mixbuild import __version__
 from mixbuild.builder.options import BuildOptions, ComputeCapability, MoEMode
-from mixbuild.contract import ENGINE_KIND
+from mixbuild.contract import ENGINE_KIND, Layout
 from mixbuild.errors import ArtifactError, MixbuildError, UsageError
 
 LOG_TAIL_LINES = 25
@@ -79,7 +79,9 @@ def preflight(artifact_dir: str | Path, out: Path, options: BuildOptions,
     checks.check_precision(adapter, artifact.manifest, target)
     model = graph.load_graph(artifact.onnx_path)
     inputs, outputs = profiles.input_dims(model), _output_dims(model)
-    prepared = graph.prepare(model, options.moe)
+    serving = artifact.manifest.get("layout") == Layout.SERVING.value
+    prepared = graph.prepare(model, options.moe,
+                             capacity=options.limits.max_context if serving else None)
     checks.check_ops(adapter, graph.parser_ops(prepared.model, options.moe), options.moe)
     return Preflight(artifact, adapter, target, prepared, inputs, outputs,
                      [p.to_dict(inputs) for p in profiles.make_profiles(options.limits)])
@@ -218,6 +220,9 @@ def engine_manifest(pre: Preflight, options: BuildOptions, result: dict) -> dict
         "compute_capability": str(pre.target), "moe": options.moe.value,
         "precision": manifest["precision"], "dtype": manifest["dtype"], "spec": manifest["spec"],
         "limits": vars(options.limits), "profiles": pre.profiles,
+        "layout": manifest.get("layout", Layout.CONCAT.value),
+        "cache_capacity": (options.limits.max_context
+                           if manifest.get("layout") == Layout.SERVING.value else None),
         "inputs": with_dim_names(result["inputs"], pre.inputs),
         "outputs": with_dim_names(result["outputs"], pre.outputs), "io_source": "network",
         "plugins": plugin_summary(result["layers"]),

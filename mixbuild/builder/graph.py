@@ -52,8 +52,9 @@ def moe_nodes(model) -> list:
     return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type in MOE_OPS]
 
 
-def prepare(model, mode: MoEMode) -> PreparedGraph:
-    """Rewrite `model` (an onnx.ModelProto, modified in place) for `mode`."""
+def prepare(model, mode: MoEMode, capacity: int | None = None) -> PreparedGraph:
+    """Rewrite `model` (an onnx.ModelProto, modified in place) for `mode`; `capacity` fixes the
+    serving layout's cache capacity dim (TensorRT's KV-cache update layer needs it static)."""
     nodes = moe_nodes(model)
     if not nodes:
         raise ArtifactError("the artifact has no mixbuild MoE nodes",
@@ -68,7 +69,20 @@ def prepare(model, mode: MoEMode) -> PreparedGraph:
         _require_functions(model)
         graph.rewrites += _strip_plugin_attrs(nodes)
         graph.rewrites += _inline_moe_functions(model)
+    if capacity is not None:
+        graph.rewrites += _fix_capacity(model, capacity)
     return graph
+
+
+def _fix_capacity(model, capacity: int) -> list[str]:
+    """The serving cache's `capacity` dim -> a fixed size on every graph input and output."""
+    fixed = 0
+    for value in (*model.graph.input, *model.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == "capacity":
+                dim.dim_value = capacity     # clears dim_param (a oneof)
+                fixed += 1
+    return [f"cache capacity fixed at {capacity} on {fixed} inputs and outputs"] if fixed else []
 
 
 def _inline_moe_functions(model) -> list[str]:

@@ -1,4 +1,5 @@
-"""Optimisation profiles over the contract's dynamic dims: batch, seq, past_seq, total_seq.
+"""Optimisation profiles over the contract's dynamic dims: batch, seq, past_seq, total_seq
+(concat layout) and capacity (serving layout).
 
 Two profiles, so that TensorRT tunes the two kinds of call separately:
 
@@ -6,7 +7,9 @@ Two profiles, so that TensorRT tunes the two kinds of call separately:
              prompt, or a chunk of one appended to an existing cache; batch opt 1 (one long prompt).
     decode   seq 1, past 1..max_context-1 (opt max_context/2), batch opt max_batch (the
              batched steady state).
-    total_seq = past_seq + seq in both.
+    total_seq = past_seq + seq in both. A serving-layout artifact's cache has one fixed
+    capacity C = max_context in both (its buffers are allocated once), so only batch and seq
+    vary.
 
 Each input's shape comes from its ONNX symbolic dims (dim_param names), so the profiles
 follow the artifact's contract rather than guessing from tensor names. At run time a caller
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from mixbuild.builder.options import Limits
 from mixbuild.errors import ArtifactError, UsageError
 
-DIMS = ("batch", "seq", "past_seq", "total_seq")
+DIMS = ("batch", "seq", "past_seq", "total_seq", "capacity")   # concat, then serving layout
 
 
 @dataclass(frozen=True)
@@ -55,17 +58,22 @@ class Profile:
         return getattr(self.dims[dim], which)
 
     def to_dict(self, inputs: Mapping[str, Sequence[int | str]]) -> dict:
-        return {"name": self.name, "dims": {k: v.as_list() for k, v in self.dims.items()},
+        used = {d for shape in inputs.values() for d in shape if isinstance(d, str)}
+        return {"name": self.name,
+                "dims": {k: v.as_list() for k, v in self.dims.items() if k in used},
                 "shapes": self.shapes(inputs)}
 
 
 def make_profiles(limits: Limits) -> list[Profile]:
     b, s, c = limits.max_batch, limits.max_step_tokens, limits.max_context
+    capacity = DimRange(c, c, c)   # the serving layout's cache: one fixed capacity per engine
     prefill = {"batch": DimRange(1, 1, b), "seq": DimRange(1, s, s),
-               "past_seq": DimRange(0, 0, c - s), "total_seq": DimRange(1, s, c)}
+               "past_seq": DimRange(0, 0, c - s), "total_seq": DimRange(1, s, c),
+               "capacity": capacity}
     half = max(1, c // 2)
     decode = {"batch": DimRange(1, b, b), "seq": DimRange(1, 1, 1),
-              "past_seq": DimRange(1, half, c - 1), "total_seq": DimRange(2, half + 1, c)}
+              "past_seq": DimRange(1, half, c - 1), "total_seq": DimRange(2, half + 1, c),
+              "capacity": capacity}
     return [Profile("prefill", prefill), Profile("decode", decode)]
 
 

@@ -24,15 +24,15 @@ from mixbuild.contract import (
     DOMAIN_VERSION,
     EXPERT_LOAD_PLOT,
     ONNX_FILE,
-    OPSET,
     DType,
+    Layout,
     Precision,
     io_specs,
 )
 from mixbuild.errors import UsageError
 from mixbuild.exporter.functions import experts_function, gate_function
 from mixbuild.exporter.manifest import write_manifest
-from mixbuild.exporter.trace import trace
+from mixbuild.exporter.trace import opset_for, trace
 from mixbuild.model.checkpoint import Checkpoint
 from mixbuild.model.reference import weight_sources
 from mixbuild.model.spec import MixtralSpec
@@ -63,7 +63,8 @@ def attach_weights(onnx_model, ckpt: Checkpoint, dtype: torch.dtype) -> int:
 def attach_functions(onnx_model, spec: MixtralSpec, scheme=None) -> None:
     import onnx_ir as ir
 
-    for proto in (gate_function(), experts_function(spec.num_experts, scheme)):
+    opset = onnx_model.opset_imports[""]
+    for proto in (gate_function(opset), experts_function(spec.num_experts, scheme, opset)):
         fn = ir.serde.deserialize_function(proto)
         onnx_model.functions[fn.identifier()] = fn
     onnx_model.opset_imports[DOMAIN] = DOMAIN_VERSION
@@ -90,26 +91,38 @@ def check_artifact_graph(path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def io_table(spec: MixtralSpec, dtype: DType, debug: bool) -> dict[str, Any]:
-    inputs, outputs = io_specs(spec, dtype, debug)
+def io_table(spec: MixtralSpec, dtype: DType, debug: bool, layout: Layout = Layout.CONCAT,
+             all_logits: bool = False) -> dict[str, Any]:
+    inputs, outputs = io_specs(spec, dtype, debug, layout, all_logits)
     return {"inputs": [t.to_dict() for t in inputs], "outputs": [t.to_dict() for t in outputs]}
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp32",
                       debug_outputs: bool = False, overwrite: bool = False,
-                      progress: bool = True, quant=None) -> Path:
+                      progress: bool = True, quant=None, layout: str | Layout = Layout.CONCAT,
+                      all_logits: bool = False) -> Path:
     """Export a checkpoint directory to an artifact directory; returns the artifact path.
+
+    `layout` is the KV-cache contract (docs/contract.md): "concat" (past in, present out) or
+    "serving" (a fixed-capacity cache updated in place, per-row lengths, last-token logits;
+    `all_logits` keeps the logits of every position, as the validator needs).
 
     `quant` (a mixbuild.quant.config.QuantConfig) makes an FP8 or INT4 artifact: calibrated
     layer by layer, then the graph is rewritten with lazily quantized weights.
     """
     out = Path(out)
     export_dtype = parse_dtype(dtype)
+    layout = Layout.parse(layout)
+    if all_logits and layout is not Layout.SERVING:
+        raise UsageError("all-position logits are an option of the serving layout",
+                         found=f"layout {layout.value}", hint="the concat layout always returns them")
     inputs = [checkpoint] + ([quant.calib_file] if quant is not None and quant.calib_file else [])
     check_destination(out, overwrite, ARTIFACT_KIND, inputs)
     ckpt = Checkpoint(checkpoint)
     ckpt.verify()
     spec = ckpt.spec
+    if quant is not None:
+        quant.check_spec(spec)  # an int4 group size must divide every K, before any work
     torch_dtype = export_dtype.torch
     with atomic_directory(out, ARTIFACT_KIND, overwrite, inputs) as tmp, \
             scratch_directory(out) as work:
@@ -120,13 +133,18 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
 
             store = QuantStore(Path(work))
             calibration = calibrate(ckpt, quant, store, progress=progress)
-        onnx_model = trace(spec, torch_dtype, debug=debug_outputs)
+        onnx_model = trace(spec, torch_dtype, debug=debug_outputs, layout=layout,
+                           all_logits=all_logits)
         quant_info = _apply_weights(onnx_model, ckpt, torch_dtype, quant, calibration, store)
         onnx_model.producer_name, onnx_model.producer_version = "mixbuild", __version__
         save_model(onnx_model, tmp, progress)
         check_artifact_graph(tmp / ONNX_FILE)
         for f in ckpt.tokenizer_files():
             shutil.copy2(f, tmp / f.name)
+        if layout is Layout.CONCAT:  # genai_config.json, config.json: onnxruntime-genai, Optimum
+            from mixbuild.exporter.clients import write_client_configs
+
+            write_client_configs(tmp, ckpt)
         if calibration is not None:
             from mixbuild.exporter.weights import save_smoothing
             from mixbuild.quant.report import plot_expert_load
@@ -140,11 +158,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
             "spec": spec.to_dict(),
             "precision": (quant.precision if quant else Precision.of_dtype(export_dtype)).value,
             "dtype": export_dtype.value,
-            "opset": {"": OPSET, DOMAIN: DOMAIN_VERSION},
+            "opset": {"": opset_for(layout), DOMAIN: DOMAIN_VERSION},
+            "layout": layout.value,
+            "logits": "all" if layout is Layout.CONCAT or all_logits else "last",
             "debug_outputs": debug_outputs,
             "source": {"checkpoint": ckpt.path.name, "bytes": ckpt.nbytes},
             "quantization": quant_info,
-            **io_table(spec, export_dtype, debug_outputs),
+            **io_table(spec, export_dtype, debug_outputs, layout, all_logits),
         })
     if calibration is not None and progress:
         from mixbuild.quant.report import print_table

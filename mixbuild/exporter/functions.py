@@ -54,11 +54,13 @@ class FunctionBody:
         return name
 
 
-def _opsets() -> list[onnx.OperatorSetIdProto]:
-    return [helper.make_opsetid("", OPSET)]
+def _opsets(opset: int) -> list[onnx.OperatorSetIdProto]:
+    """A function must import the model's own default-domain opset (the ops of the bodies
+    mean the same from 21, the artifact opset, to 24, the serving layout's)."""
+    return [helper.make_opsetid("", opset)]
 
 
-def gate_function() -> onnx.FunctionProto:
+def gate_function(opset: int = OPSET) -> onnx.FunctionProto:
     """MoEGate(router_logits [T, E]) -> (weights [T, k] float32, expert_ids [T, k] int32).
 
     ONNX TopK returns equal values lowest index first, which is the contract's tie rule.
@@ -74,7 +76,7 @@ def gate_function() -> onnx.FunctionProto:
     b.output("Div", "weights", values, denom)
     b.output("Cast", "expert_ids", indices, to=TensorProto.INT32)
     return helper.make_function(DOMAIN, GATE_OP, ["router_logits"], ["weights", "expert_ids"],
-                                b.nodes, _opsets(), ["top_k", "normalize", *PLUGIN_ATTRS])
+                                b.nodes, _opsets(opset), ["top_k", "normalize", *PLUGIN_ATTRS])
 
 
 class PlainWeights:
@@ -126,7 +128,8 @@ def _swiglu(b: FunctionBody, x: str, w_gate_up: str, w_down: str, scheme: PlainW
     return b("MatMul", act, b("Transpose", w_down, perm=[1, 0]))
 
 
-def experts_function(num_experts: int, scheme: PlainWeights | None = None) -> onnx.FunctionProto:
+def experts_function(num_experts: int, scheme: PlainWeights | None = None,
+                     opset: int = OPSET) -> onnx.FunctionProto:
     """MoEExperts(hidden [T, H], weights [T, k], expert_ids [T, k], w_gate_up, w_down, ...) -> [T, H].
 
     `scheme` decides how the body reads the weights (plain, or dequantized from fp8 / int4).
@@ -157,4 +160,4 @@ def experts_function(num_experts: int, scheme: PlainWeights | None = None) -> on
     b.output("CastLike", "out", acc, "hidden")
     inputs = ["hidden", "weights", "expert_ids", "w_gate_up", "w_down", *scheme.extra_inputs]
     attrs = ["activation", "quantization", "group_size", *PLUGIN_ATTRS]
-    return helper.make_function(DOMAIN, EXPERTS_OP, inputs, ["out"], b.nodes, _opsets(), attrs)
+    return helper.make_function(DOMAIN, EXPERTS_OP, inputs, ["out"], b.nodes, _opsets(opset), attrs)

@@ -22,12 +22,19 @@ from mixbuild.contract import (
     OPSET,
     PLUGIN_NAMESPACE,
     PLUGIN_VERSION,
+    SERVING_OPSET,
     DType,
+    Layout,
     io_specs,
 )
 from mixbuild.exporter import schemas
-from mixbuild.model.reference import MixtralModel
+from mixbuild.model.reference import model_class
 from mixbuild.model.spec import MixtralSpec
+
+
+def opset_for(layout: Layout) -> int:
+    """The default-domain opset of an artifact: TensorScatter (the serving layout) needs 24."""
+    return SERVING_OPSET if layout is Layout.SERVING else OPSET
 
 
 def _translation_table():
@@ -45,11 +52,37 @@ def _translation_table():
                              quantization="none", group_size=0,
                              plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION)
 
+    def kv_write(cache, update, write_index):
+        return op.TensorScatter(cache, update, write_index, axis=2)
+
+    def gqa_attention(q, k, v, mask):
+        return op.Attention(q, k, v, mask)[0]
+
+    op = onnxscript.values.Opset("", SERVING_OPSET)   # onnxscript ships opsets up to 23
     return {torch.ops.mixbuild.moe_gate.default: moe_gate,
-            torch.ops.mixbuild.moe_experts.default: moe_experts}
+            torch.ops.mixbuild.moe_experts.default: moe_experts,
+            torch.ops.mixbuild.kv_write.default: kv_write,
+            torch.ops.mixbuild.gqa_attention.default: gqa_attention}
 
 
-def _example_inputs(spec: MixtralSpec, dtype: torch.dtype):
+def _serving_inputs(spec: MixtralSpec, dtype: torch.dtype):
+    batch, seq, capacity = 2, 3, 8
+    meta = {"device": "meta"}
+    ids = torch.zeros(batch, seq, dtype=torch.long, **meta)
+    positions = torch.zeros(batch, seq, dtype=torch.long, **meta)
+    cache_lengths = torch.zeros(batch, dtype=torch.long, **meta)
+    input_lengths = torch.ones(batch, dtype=torch.long, **meta)
+    cache = [torch.zeros(batch, spec.num_kv_heads, capacity, spec.head_dim, dtype=dtype, **meta)
+             for _ in range(2 * spec.num_layers)]
+    b, s = torch.export.Dim("batch"), torch.export.Dim("seq")
+    c = torch.export.Dim("capacity")
+    dynamic = ({0: b, 1: s}, {0: b, 1: s}, {0: b}, {0: b}, tuple({0: b, 2: c} for _ in cache))
+    return (ids, positions, cache_lengths, input_lengths, *cache), dynamic
+
+
+def _example_inputs(spec: MixtralSpec, dtype: torch.dtype, layout: Layout = Layout.CONCAT):
+    if layout is Layout.SERVING:
+        return _serving_inputs(spec, dtype)
     batch, seq, past = 2, 3, 5
     meta = {"device": "meta"}
     ids = torch.zeros(batch, seq, dtype=torch.long, **meta)
@@ -63,20 +96,22 @@ def _example_inputs(spec: MixtralSpec, dtype: torch.dtype):
     return (ids, mask, positions, *kv), dynamic
 
 
-def trace(spec: MixtralSpec, dtype: torch.dtype, debug: bool = False):
+def trace(spec: MixtralSpec, dtype: torch.dtype, debug: bool = False,
+          layout: Layout = Layout.CONCAT, all_logits: bool = False):
     """The ONNX graph (an onnx_ir.Model) of the reference model, with empty initializers."""
     import onnx_ir as ir
     import onnxscript.optimizer
 
     schemas.register()
     with torch.device("meta"):
-        model = MixtralModel(spec, debug=debug).to(dtype)
-    args, dynamic = _example_inputs(spec, dtype)
+        model = model_class(layout)(spec, debug=debug, all_logits=all_logits).to(dtype)
+    args, dynamic = _example_inputs(spec, dtype, layout)
     with warnings.catch_warnings(), _quiet_logs():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic,
                                     custom_translation_table=_translation_table(),
-                                    opset_version=OPSET, optimize=False, verbose=False)
+                                    opset_version=opset_for(layout), optimize=False,
+                                    verbose=False)
     onnx_model = program.model
     weights = {name for name, _ in model.named_parameters()}
     for name, value in onnx_model.graph.initializers.items():
@@ -85,7 +120,7 @@ def trace(spec: MixtralSpec, dtype: torch.dtype, debug: bool = False):
         elif getattr(getattr(value.const_value, "raw", None), "is_meta", False):
             raise RuntimeError(f"traced constant '{name}' has no data (a tensor made on the meta "
                                "device inside forward); build it from Python scalars instead")
-    wanted = io_specs(spec, DType.parse(str(dtype)), debug)
+    wanted = io_specs(spec, DType.parse(str(dtype)), debug, layout, all_logits)
     for values, tensors in zip((onnx_model.graph.inputs, onnx_model.graph.outputs), wanted):
         for value, tensor in zip(values, tensors, strict=True):
             value.name = tensor.name

@@ -1,11 +1,15 @@
-"""The two MoE ops every mixbuild stage shares, as torch custom ops.
+"""The torch custom ops every mixbuild stage shares: the two MoE ops, and the serving layout's
+cache write and grouped-query attention.
 
     mixbuild::moe_gate(router_logits [T, E], top_k, normalize) -> (weights [T, k] f32, ids [T, k] i32)
     mixbuild::moe_experts(hidden [T, H], weights [T, k], ids [T, k],
                           w_gate_up [E, 2I, H], w_down [E, H, I]) -> out [T, H]
+    mixbuild::kv_write(cache [B, Nkv, C, D], update [B, Nkv, S, D], write_index [B]) -> cache
+    mixbuild::gqa_attention(q [B, Nq, S, D], k [B, Nkv, C, D], v, mask [B, 1, S, C]) -> [B, Nq, S, D]
 
-These plain-torch implementations are the semantic definition: the exporter turns each call
-into one ONNX custom node (with a standard-ONNX body), and GPU kernels must match them.
+These plain-torch implementations are the semantic definition: the exporter turns each MoE call
+into one ONNX custom node (with a standard-ONNX body), and GPU kernels must match them; the two
+serving-layout ops become the standard ONNX TensorScatter and Attention (opset 24).
 """
 
 from __future__ import annotations
@@ -72,3 +76,61 @@ def moe_experts(hidden: Tensor, weights: Tensor, expert_ids: Tensor, w_gate_up: 
 def _moe_experts_fake(hidden: Tensor, weights: Tensor, expert_ids: Tensor, w_gate_up: Tensor,
                       w_down: Tensor) -> Tensor:
     return torch.empty_like(hidden)
+
+
+# ------------------------------------------------------------------ the serving layout's cache
+
+def kv_write_reference(cache: Tensor, update: Tensor, write_index: Tensor) -> Tensor:
+    """cache [B, Nkv, C, D] with update [B, Nkv, S, D] written at positions
+    write_index[b] .. write_index[b] + S - 1 of row b (ONNX TensorScatter, axis 2, linear).
+    The caller guarantees write_index[b] + S <= C."""
+    out = cache.clone()
+    seq = update.shape[2]
+    for b in range(cache.shape[0]):
+        start = int(write_index[b])
+        out[b, :, start:start + seq] = update[b]
+    return out
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Grouped-query attention (ONNX Attention, 4-D inputs): q [B, Nq, S, D] over k, v
+    [B, Nkv, C, D] (Nq a multiple of Nkv; query head h reads kv head h // (Nq / Nkv)), mask bool
+    [B, 1, S, C] (True: may attend), scale 1/sqrt(D), softmax in float32."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(2, 3)).float() * (q.shape[-1] ** -0.5)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, dim=-1).to(q.dtype) @ v)
+
+
+def kv_write_(cache: Tensor, update: Tensor, write_index: Tensor) -> Tensor:
+    """kv_write in place, for the eager runtime (no host sync, so it can be graph-captured):
+    returns `cache` itself, changed."""
+    seq = update.shape[2]
+    index = write_index[:, None] + torch.arange(seq, device=update.device)[None, :]     # [B, S]
+    return cache.scatter_(2, index[:, None, :, None].expand_as(update), update)
+
+
+def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """gqa_attention through torch's fused attention (no repeated K/V), for the eager runtime."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+@torch.library.custom_op("mixbuild::kv_write", mutates_args=())
+def kv_write(cache: Tensor, update: Tensor, write_index: Tensor) -> Tensor:
+    return kv_write_reference(cache, update, write_index)
+
+
+@kv_write.register_fake
+def _kv_write_fake(cache: Tensor, update: Tensor, write_index: Tensor) -> Tensor:
+    return torch.empty_like(cache)
+
+
+@torch.library.custom_op("mixbuild::gqa_attention", mutates_args=())
+def gqa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    return attention_reference(q, k, v, mask)
+
+
+@gqa_attention.register_fake
+def _gqa_attention_fake(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    return torch.empty_like(q)

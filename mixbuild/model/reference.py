@@ -1,10 +1,20 @@
 """A compact, export-friendly PyTorch Mixtral whose MoE runs through mixbuild's custom ops.
 
-One forward serves prefill and decode:
+One forward serves prefill and decode, in one of two KV-cache layouts (contract.Layout):
+
+concat (the default)
     forward(input_ids [B, S], attention_mask [B, P+S], position_ids [B, S], *past)
         -> (logits [B, S, V], present.0.key, present.0.value, ..., [debug outputs])
-where past is (key [B, Nkv, P, D], value [B, Nkv, P, D]) per layer, in layer order. With
-``debug=True`` it also returns, per layer, the router logits [T, E], the chosen expert ids
+    past is (key [B, Nkv, P, D], value [B, Nkv, P, D]) per layer, in layer order.
+serving
+    forward(input_ids [B, S], position_ids [B, S], cache_lengths [B], input_lengths [B], *cache)
+        -> (logits [B, V] (or [B, S, V] with all_logits), updated cache ..., [debug outputs])
+    cache is (key, value) [B, Nkv, C, D] per layer, of a fixed capacity C. Row b's new tokens are
+    input_ids[b, :input_lengths[b]] (right-padded), written at cache positions
+    cache_lengths[b] ..; each query attends the cache positions up to its own. The logits are
+    those of each row's last valid token. GQA reads the Nkv heads directly (no repeated K/V).
+
+With ``debug=True`` it also returns, per layer, the router logits [T, E], the chosen expert ids
 [T, k] and the layer's output hidden state [B, S, H].
 """
 
@@ -15,8 +25,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mixbuild.model import ops  # noqa: F401  (registers torch.ops.mixbuild.*)
+from mixbuild.contract import Layout
+from mixbuild.model import ops  # also registers torch.ops.mixbuild.*
 from mixbuild.model.spec import MixtralSpec
+from mixbuild.tensors import cast_finite
 
 
 class RMSNorm(nn.Module):
@@ -59,6 +71,18 @@ def attention_bias(attention_mask: Tensor, seq: int, sliding_window: int | None)
     return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
 
 
+def serving_mask(cache_lengths: Tensor, seq: int, capacity: int, sliding_window: int | None) -> Tensor:
+    """bool [B, 1, S, C]: query s of row b (at cache position cache_lengths[b] + s) may attend
+    cache positions <= its own (and within the sliding window). Padded queries attend only
+    positions that hold finite values, so nothing non-finite can reach a valid one."""
+    k_pos = torch.arange(capacity, device=cache_lengths.device)
+    q_pos = cache_lengths[:, None] + torch.arange(seq, device=cache_lengths.device)[None, :]
+    allowed = k_pos[None, None, :] <= q_pos[:, :, None]
+    if sliding_window is not None:
+        allowed = allowed & ((q_pos[:, :, None] - k_pos[None, None, :]) < sliding_window)
+    return allowed[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, spec: MixtralSpec) -> None:
         super().__init__()
@@ -67,15 +91,35 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, spec.kv_size, bias=False)
         self.v_proj = nn.Linear(h, spec.kv_size, bias=False)
         self.o_proj = nn.Linear(spec.q_size, h, bias=False)
+        self.inplace = False        # serving layout: write the caller's cache in place (eager)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, past_k: Tensor,
-                past_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.nq, self.d).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.nkv, self.d).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.nkv, self.d).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def forward_serving(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_k: Tensor,
+                        cache_v: Tensor, cache_lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The custom ops (what the exporter translates) or, with `inplace`, the eager runtime's
+        in-place cache write and fused attention: the same numbers."""
+        b, s, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
+        if self.inplace:
+            cache_k = ops.kv_write_(cache_k, k, cache_lengths)
+            cache_v = ops.kv_write_(cache_v, v, cache_lengths)
+            out = ops.attention_sdpa(q, cache_k, cache_v, mask)
+        else:
+            cache_k = torch.ops.mixbuild.kv_write(cache_k, k, cache_lengths)
+            cache_v = torch.ops.mixbuild.kv_write(cache_v, v, cache_lengths)
+            out = torch.ops.mixbuild.gqa_attention(q, cache_k, cache_v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.nq * self.d)), cache_k, cache_v
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, past_k: Tensor,
+                past_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, s, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
         k_all, v_all = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         rep = self.nq // self.nkv
         k_rep = k_all[:, :, None].expand(-1, -1, rep, -1, -1).reshape(b, self.nq, -1, self.d)
@@ -111,17 +155,24 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.moe = SparseMoE(spec)
 
-    def forward(self, x, cos, sin, bias, past_k, past_v):
-        attn, k, v = self.attn(self.input_norm(x), cos, sin, bias, past_k, past_v)
+    def forward(self, x, cos, sin, mask, k, v, *serving):
+        """mask is the additive bias (concat: k, v are the past) or, with `serving` =
+        (cache_lengths,), the boolean serving mask (k, v are the fixed-capacity cache)."""
+        attend = self.attn.forward_serving if serving else self.attn
+        attn, k, v = attend(self.input_norm(x), cos, sin, mask, k, v, *serving)
         x = x + attn
         moe, router_logits, ids = self.moe(self.post_norm(x))
         return x + moe, k, v, router_logits, ids
 
 
 class MixtralModel(nn.Module):
-    def __init__(self, spec: MixtralSpec, debug: bool = False) -> None:
+    """The concat layout (see the module docstring); ServingMixtralModel is the serving one."""
+
+    layout = Layout.CONCAT
+
+    def __init__(self, spec: MixtralSpec, debug: bool = False, all_logits: bool = False) -> None:
         super().__init__()
-        self.spec, self.debug = spec, debug
+        self.spec, self.debug, self.all_logits = spec, debug, all_logits
         self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
@@ -129,16 +180,20 @@ class MixtralModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                 *past: Tensor) -> tuple[Tensor, ...]:
-        x = self.embed(input_ids)
-        cos, sin = rope_tables(position_ids, self.spec.rope_theta, self.spec.head_dim, x.dtype)
         bias = attention_bias(attention_mask, input_ids.shape[1], self.spec.sliding_window)
-        presents, debug = [], []
-        for i, layer in enumerate(self.layers):
-            x, k, v, router_logits, ids = layer(x, cos, sin, bias, past[2 * i], past[2 * i + 1])
-            presents += [k, v]
-            debug += [router_logits, ids, x]
+        x, presents, debug = self._layers(input_ids, position_ids, bias, past)
         logits = self.lm_head(self.norm(x)).float()
         return (logits, *presents, *(debug if self.debug else []))
+
+    def _layers(self, input_ids, position_ids, mask, kv, *serving):
+        x = self.embed(input_ids)
+        cos, sin = rope_tables(position_ids, self.spec.rope_theta, self.spec.head_dim, x.dtype)
+        out_kv, debug = [], []
+        for i, layer in enumerate(self.layers):
+            x, k, v, router_logits, ids = layer(x, cos, sin, mask, kv[2 * i], kv[2 * i + 1], *serving)
+            out_kv += [k, v]
+            debug += [router_logits, ids, x]
+        return x, out_kv, debug
 
     def empty_past(self, batch: int) -> list[Tensor]:
         s = self.spec
@@ -149,20 +204,49 @@ class MixtralModel(nn.Module):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_checkpoint(cls, path_or_ckpt, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        debug: bool = False) -> MixtralModel:
+                        debug: bool = False, all_logits: bool = False) -> MixtralModel:
         """Build the model and fill it from a checkpoint, one tensor at a time."""
         from mixbuild.model.checkpoint import Checkpoint
 
         ckpt = path_or_ckpt if isinstance(path_or_ckpt, Checkpoint) else Checkpoint(Path(path_or_ckpt))
         ckpt.verify()
         with torch.device("meta"):
-            model = cls(ckpt.spec, debug=debug)
+            model = cls(ckpt.spec, debug=debug, all_logits=all_logits)
         model.to_empty(device=device)
         model.to(dtype)
         with torch.no_grad():
-            for param_name, loader in weight_sources(ckpt):
-                model.get_parameter(param_name).copy_(loader())
+            for param_name, loader in weight_sources(ckpt):  # reads are checked finite
+                model.get_parameter(param_name).copy_(cast_finite(
+                    loader(), dtype, param_name, overflow_hint="load it as float32 or bfloat16"))
         return model.eval()
+
+
+class ServingMixtralModel(MixtralModel):
+    """The serving layout (see the module docstring); the same parameters as MixtralModel."""
+
+    layout = Layout.SERVING
+
+    def write_in_place(self, enabled: bool = True) -> ServingMixtralModel:
+        """Update the cache tensors the caller passes in place (the torch runtime); the default,
+        functional form is what the exporter traces."""
+        for layer in self.layers:
+            layer.attn.inplace = enabled
+        return self
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, cache_lengths: Tensor,
+                input_lengths: Tensor, *cache: Tensor) -> tuple[Tensor, ...]:
+        mask = serving_mask(cache_lengths, input_ids.shape[1], cache[0].shape[2],
+                            self.spec.sliding_window)
+        x, updated, debug = self._layers(input_ids, position_ids, mask, cache, cache_lengths)
+        if not self.all_logits:   # only each row's last valid token reaches the lm_head
+            last = (input_lengths - 1).clamp(min=0)[:, None, None].expand(-1, 1, x.shape[-1])
+            x = x.gather(1, last).squeeze(1)
+        logits = self.lm_head(self.norm(x)).float()
+        return (logits, *updated, *(debug if self.debug else []))
+
+
+def model_class(layout: Layout) -> type[MixtralModel]:
+    return ServingMixtralModel if layout is Layout.SERVING else MixtralModel
 
 
 def weight_sources(ckpt):

@@ -28,6 +28,7 @@ from mixbuild.contract import (
     PLAN_FILE,
     Backend,
     Device,
+    Layout,
 )
 from mixbuild.errors import ArtifactError, MissingDependencyError, UsageError, choice
 from mixbuild.model.spec import MixtralSpec
@@ -50,10 +51,12 @@ class LoadOptions:
     threads: int | None = None
     io_binding: bool = False
     spinning: bool = True
+    layout: Layout | None = None      # torch backend: which KV-cache layout (default concat)
 
     @classmethod
-    def parse(cls, backend: str, device: str, **rest) -> LoadOptions:
-        return cls(choice(Backend, backend, "backend"), choice(Device, device, "device"), **rest)
+    def parse(cls, backend: str, device: str, layout: str | None = None, **rest) -> LoadOptions:
+        return cls(choice(Backend, backend, "backend"), choice(Device, device, "device"),
+                   layout=None if layout is None else Layout.parse(layout), **rest)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,6 +69,12 @@ class LoadOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"invalid load option '{name}'", expected="an integer >= 1",
                                  found=repr(value))
+        if self.layout is not None and self.backend is not Backend.TORCH:
+            raise UsageError("layout is a choice of the torch backend only",
+                             expected="backend='torch'",
+                             found=f"backend='{self.backend.value}', layout='{self.layout.value}'",
+                             hint="an artifact's layout is fixed at export (mixbuild export "
+                                  "--layout); the ort backend runs the one it has")
         if self.backend is Backend.TRT and self.device is Device.CPU:
             raise UsageError("the trt backend runs TensorRT engines on a CUDA GPU",
                              found="device='cpu'", hint="pass device='cuda'")
@@ -89,7 +98,7 @@ def detect_backend(path: Path) -> Backend:
 
 def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch: int = 8,
          max_context: int | None = None, threads: int | None = None, io_binding: bool = False,
-         spinning: bool = True) -> Model:
+         spinning: bool = True, layout: str | None = None) -> Model:
     """Open a model directory for generation.
 
     backend: "ort" (artifact dir), "torch" (checkpoint dir), "trt" (engine dir) or "auto"
@@ -102,10 +111,14 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch
     keeps the KV cache on the GPU as OrtValues (`OrtValueStep`). spinning (ONNX Runtime's default,
     on) lets its idle threads busy-wait: ~1.5x faster decode of the small fixture on 2 idle cores,
     but ~1.7x slower when other processes or thread pools (torch in the same process) compete
-    for the cores; pass spinning=False on shared hosts.
+    for the cores; pass spinning=False on shared hosts. A serving-layout artifact runs through
+    `ServingStep` (one cache of max_batch x max_context allocated per concurrent call and
+    updated in place); layout="serving" gives the torch backend the same contract
+    (`TorchServingStep`).
     """
-    options = LoadOptions.parse(backend, device, max_batch=max_batch, max_context=max_context,
-                                threads=threads, io_binding=io_binding, spinning=spinning)
+    options = LoadOptions.parse(backend, device, layout=layout, max_batch=max_batch,
+                                max_context=max_context, threads=threads, io_binding=io_binding,
+                                spinning=spinning)
     path = Path(path)
     found = detect_backend(path)
     chosen = found if options.backend is Backend.AUTO else options.backend
@@ -114,21 +127,37 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch
                          found=f"{path} is {_OPENS[found]}",
                          hint=f"use backend='{found.value}' or 'auto'")
     step, spec = _OPENERS[chosen](path, options)
-    defaults = GenerationDefaults.read(path, spec.eos_token_id)
+    defaults = GenerationDefaults.read(path, spec.eos_token_id, spec.vocab_size)
     return Model(step, spec, Tokenizer.from_dir(path), defaults, options, chosen.value)
 
 
 def _open_ort(path: Path, options: LoadOptions):
     from mixbuild.runtime.ort_runner import OrtRunner
-    from mixbuild.runtime.steps import BoundOrtStep, FeedStep, OrtValueStep
+    from mixbuild.runtime.steps import BoundOrtStep, FeedStep, OrtValueStep, ServingStep
 
     runner = OrtRunner(path, providers=_ort_providers(options.device), threads=options.threads,
                        spinning=options.spinning)
+    if runner.artifact.manifest.get("layout") == Layout.SERVING.value:
+        if options.device is not Device.CPU:
+            raise UsageError("the serving layout runs on the CPU provider only, for now",
+                             found=f"device='{options.device.value}'",
+                             hint="use device='cpu', or export with --layout concat for CUDA")
+        capacity = _serving_capacity(options, runner.spec)
+        return ServingStep(runner, capacity, options.max_batch), runner.spec
     if options.device is Device.CUDA:  # the KV cache stays on the GPU between steps
         return OrtValueStep(runner, "cuda"), runner.spec
     if options.io_binding:
         return BoundOrtStep(runner), runner.spec
     return FeedStep(runner, runner.kv_dtype), runner.spec
+
+
+SERVING_CAPACITY = 4096   # default cache positions per row of the serving layout
+
+
+def _serving_capacity(options: LoadOptions, spec: MixtralSpec) -> int:
+    """Cache positions per row: max_context, else the model's context up to SERVING_CAPACITY
+    (each row's cache is allocated whole: 32k positions of Mixtral-8x7B are 4 GiB in fp16)."""
+    return options.max_context or min(spec.max_position_embeddings, SERVING_CAPACITY)
 
 
 def _ort_providers(device: Device) -> list[str]:
@@ -159,6 +188,13 @@ def _open_torch(path: Path, options: LoadOptions):
     if options.threads:
         torch.set_num_threads(options.threads)
     dtype = torch.float32 if options.device is Device.CPU else None
+    if options.layout is Layout.SERVING:
+        from mixbuild.runtime.steps import TorchServingStep
+
+        model = TorchRunner.load_model(path, dtype=dtype, device=options.device.value,
+                                       layout=Layout.SERVING)
+        capacity = _serving_capacity(options, model.spec)
+        return TorchServingStep(model, capacity, options.max_batch), model.spec
     runner = TorchRunner.from_checkpoint(path, dtype=dtype, device=options.device.value)
     return FeedStep(runner), runner.spec
 
@@ -265,7 +301,7 @@ class Model:
         with self.caches.borrow() as cache:
             for first in range(0, len(requests), size):
                 for index, piece in run_batch(self.step, cache, requests[first:first + size],
-                                              self.defaults.pad_token_id):
+                                              self.defaults.pad_token_id, first):
                     yield first + index, piece
 
     def _need_tokenizer(self) -> Tokenizer:
@@ -287,6 +323,8 @@ class Model:
         start = time.perf_counter()
         prompts = self._check_prompts(prompts)
         params = self._params_for(len(prompts), sampling, overrides)
+        for p in params:
+            p.check_vocab(self.spec.vocab_size)
         eos = self.defaults.eos_token_ids
         return [Request(p, s, min(s.max_new_tokens, self.context_limit - len(p)),
                         self.spec.vocab_size, eos, self.tokenizer, start)
@@ -317,16 +355,30 @@ class Model:
 
 
 def _token_list(prompt, index: int, vocab: int) -> list[int]:
-    try:
-        ids = [int(t) for t in prompt]
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"prompt {index} is not a list of token ids", found=repr(prompt)[:100]) from exc
+    """One prompt of token ids -> a list of ints. Only integers count (Python ints, numpy
+    integers): a float, a bool or a string is refused rather than truncated by int()."""
+    import numpy as np
+
+    if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__iter__"):
+        raise UsageError(f"prompt {index} is not a list of token ids", found=repr(prompt)[:100],
+                         hint="pass text to generate(), token ids to generate_ids()")
+    ids = list(prompt)
     if not ids:
         raise UsageError(f"prompt {index} is empty", expected="at least one token")
-    if min(ids) < 0 or max(ids) >= vocab:
-        raise UsageError(f"prompt {index} holds a token id outside the vocabulary",
-                         expected=f"ids in [0, {vocab})", found=f"min {min(ids)}, max {max(ids)}")
-    return ids
+    for position, t in enumerate(ids):
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+            raise UsageError(f"prompt {index} is not a list of token ids: position {position} "
+                             f"holds {t!r} ({type(t).__name__})",
+                             expected=f"integers in [0, {vocab})", found=repr(prompt)[:100],
+                             hint="token ids are integers; convert with int() only if the "
+                                  "values really are ids")
+    for position, t in enumerate(ids):
+        if not 0 <= t < vocab:
+            raise UsageError(f"prompt {index} holds token id {int(t)} at position {position}, "
+                             "outside the vocabulary",
+                             expected=f"ids in [0, {vocab}) (vocab_size {vocab})",
+                             found=f"{int(t)}; the prompt's ids range from {min(ids)} to {max(ids)}")
+    return [int(t) for t in ids]
 
 
 class TextStream:

@@ -155,3 +155,88 @@ class OrtValueCache:
     def compact(self, keep: np.ndarray, trim: int = 0) -> None:
         self.values = [self._upload(v.numpy()[keep, :, trim:]) for v in self.values]
         self.batch, self.length = len(keep), self.length - trim
+
+
+class StaticCache:
+    """The serving layout's cache: per layer one key and one value buffer [max_batch, Nkv, C, D]
+    allocated once, which the graph updates in place; row b holds `lengths[b]` valid positions.
+
+    A call with B <= max_batch rows uses rows 0..B-1, a contiguous prefix of every buffer, so
+    the same memory is bound whatever the batch. Nothing is copied per step; rows move only when
+    finished requests leave the batch (compact)."""
+
+    def __init__(self, spec: MixtralSpec, capacity: int, max_batch: int, dtype=np.float32) -> None:
+        from mixbuild.contract import cache_pairs
+
+        self.spec = spec
+        self.dtype = dtype if hasattr(dtype, "is_floating_point") else np.dtype(dtype)
+        self.capacity, self.max_batch = capacity, max_batch
+        self.names = cache_pairs(spec.num_layers)
+        shape = (max_batch, spec.num_kv_heads, capacity, spec.head_dim)
+        self.buffers = [self._allocate(shape) for _ in self.names]
+        self.lengths = np.zeros(max_batch, np.int64)
+        self.batch = 0
+        self.binding = None          # the IOBinding this cache is bound to (ServingStep's)
+        self.bound_batch = None      # the (first, end) rows bound there
+
+    def _allocate(self, shape: tuple[int, ...]):
+        return np.zeros(shape, self.dtype)
+
+    @property
+    def length(self) -> int:
+        return int(self.lengths[:self.batch].max()) if self.batch else 0
+
+    def reset(self, batch: int, max_length: int) -> None:
+        if batch > self.max_batch or max_length > self.capacity:
+            from mixbuild.errors import UsageError
+
+            raise UsageError("the request does not fit the serving cache",
+                             expected=f"at most {self.max_batch} rows of {self.capacity} positions",
+                             found=f"{batch} rows, up to {max_length} positions",
+                             hint="load the model with a larger max_batch / max_context")
+        self.batch = batch
+        self.lengths[:] = 0
+
+    def shape(self) -> list[int]:
+        return [self.batch, self.spec.num_kv_heads, self.capacity, self.spec.head_dim]
+
+    def check_room(self, batch: int, seq: int) -> None:
+        """Refuse a step that would write past the capacity (UsageError)."""
+        if np.any(self.lengths[:batch] + seq > self.capacity):
+            from mixbuild.errors import UsageError
+
+            raise UsageError("the serving cache is full", expected=f"<= {self.capacity} positions",
+                             found=f"{int(self.lengths[:batch].max()) + seq}",
+                             hint="load the model with a larger max_context")
+
+    def compact(self, keep: np.ndarray, trim: int = 0) -> None:
+        """Keep rows `keep` (ascending), moved to the front; `trim` (left padding of the concat
+        layout) does not apply: rows hold no padding here."""
+        for buffer in self.buffers:
+            buffer[:len(keep)] = self._rows(buffer, keep)
+        self.lengths[:len(keep)] = self.lengths[keep]
+        self.batch = len(keep)
+
+    @staticmethod
+    def _rows(buffer, keep: np.ndarray):
+        return buffer[keep]
+
+
+class TorchStaticCache(StaticCache):
+    """StaticCache with torch tensors on the model's device (the torch backend): the same rows,
+    lengths and compaction; the model writes the tensors in place."""
+
+    def __init__(self, spec: MixtralSpec, capacity: int, max_batch: int, dtype, device) -> None:
+        self.device = device
+        super().__init__(spec, capacity, max_batch, dtype)   # dtype: a torch dtype
+
+    def _allocate(self, shape: tuple[int, ...]):
+        import torch
+
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @staticmethod
+    def _rows(buffer, keep: np.ndarray):
+        import torch
+
+        return buffer.index_select(0, torch.as_tensor(keep, device=buffer.device))

@@ -32,8 +32,15 @@ from typing import Protocol
 
 import numpy as np
 
-from mixbuild.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
-from mixbuild.runtime.kv_cache import AdoptedCache, KVCache, OrtValueCache
+from mixbuild.contract import (
+    ATTENTION_MASK,
+    CACHE_LENGTHS,
+    INPUT_IDS,
+    INPUT_LENGTHS,
+    LOGITS,
+    POSITION_IDS,
+)
+from mixbuild.runtime.kv_cache import AdoptedCache, KVCache, OrtValueCache, StaticCache
 from mixbuild.runtime.runner import Runner
 
 
@@ -124,3 +131,128 @@ class OrtValueStep:
         outputs = io.get_outputs()  # in binding order: the presents, then the logits
         cache.adopt(list(outputs)[:-1], input_ids.shape[1])
         return outputs[len(cache.names)].numpy()[:, -1]
+
+
+class _ServingLayout:
+    """What both serving-layout steps share: the generation loop's left-padded call."""
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache) -> np.ndarray:
+        """Left-padded rows (the concat layout's convention) -> right-aligned rows with per-row
+        counts, then `run`."""
+        seq = input_ids.shape[1]
+        counts = attention_mask[:, -seq:].sum(axis=1).astype(np.int64)
+        return self.run(right_align(input_ids, counts), right_align(position_ids, counts), counts,
+                        cache)
+
+
+class ServingStep(_ServingLayout):
+    """ONNX Runtime on a serving-layout artifact: the cache buffers are bound as both the input
+    and the output of the graph (the update happens in place), once per batch size; a step
+    binds only the token inputs and the logits of each row's last token.
+
+    The generation loop passes left-padded rows (the concat layout's convention); the step
+    right-aligns each row's new tokens (input_lengths) and keeps the per-row cache lengths, so
+    rows of one batch may be at different positions."""
+
+    def __init__(self, runner, capacity: int, max_batch: int) -> None:  # runner: OrtRunner
+        self.session = runner.session
+        self.spec = runner.spec
+        self.kv_dtype = runner.kv_dtype
+        self.capacity, self.max_batch = capacity, max_batch
+        # GroupQueryAttention (the fast path) takes a multi-token step over a filled cache
+        # only one row at a time (mixbuild/runtime/ort_attention.py)
+        self.one_row_chunks = bool(getattr(runner, "fast_attention", 0))
+
+    def new_cache(self) -> StaticCache:
+        return StaticCache(self.spec, self.capacity, self.max_batch, self.kv_dtype)
+
+    def _bind_cache(self, cache: StaticCache, rows: slice):
+        """The IOBinding with rows `rows` of every cache buffer bound as both the input and the
+        output (a contiguous block of each buffer). Rebound only when the rows change."""
+        if cache.binding is None:
+            cache.binding = self.session.io_binding()
+        if cache.bound_batch != (rows.start, rows.stop):
+            io = cache.binding
+            shape = [rows.stop - rows.start, *cache.shape()[1:]]
+            for (name, updated), buffer in zip(cache.names, cache.buffers):
+                address = buffer[rows.start].ctypes.data
+                io.bind_input(name, "cpu", 0, cache.dtype, shape, address)
+                io.bind_output(updated, "cpu", 0, cache.dtype, shape, address)
+            cache.bound_batch = (rows.start, rows.stop)
+        return cache.binding
+
+    def run(self, ids: np.ndarray, positions: np.ndarray, counts: np.ndarray,
+            cache: StaticCache) -> np.ndarray:
+        """One step on right-padded rows: row b feeds ids[b, :counts[b]] at positions
+        positions[b, :counts[b]], written after its cache.lengths[b] valid positions."""
+        batch = ids.shape[0]
+        cache.check_room(batch, ids.shape[1])
+        logits = np.empty((batch, self.spec.vocab_size), np.float32)
+        chunks = [r for r in range(batch) if counts[r] > 1]
+        if self.one_row_chunks and batch > 1 and chunks and cache.lengths[:batch].any():
+            # one decode call for the batch (a prefilling row idles: it writes only scratch at
+            # its first free position, which its own call then overwrites), then one call per
+            # prefilling row
+            single = np.where(counts == 1, counts, 0)
+            self._call(ids[:, :1], positions[:, :1], single, cache, slice(0, batch), logits)
+            for r in chunks:
+                n = int(counts[r])
+                self._call(ids[r:r + 1, :n], positions[r:r + 1, :n], counts[r:r + 1], cache,
+                           slice(r, r + 1), logits[r:r + 1])
+        else:
+            self._call(ids, positions, counts, cache, slice(0, batch), logits)
+        cache.lengths[:batch] += counts
+        return logits
+
+    def _call(self, ids, positions, counts, cache: StaticCache, rows: slice, logits) -> None:
+        io = self._bind_cache(cache, rows)
+        io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(ids, np.int64))
+        io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(positions, np.int64))
+        io.bind_cpu_input(CACHE_LENGTHS, cache.lengths[rows].copy())
+        io.bind_cpu_input(INPUT_LENGTHS, np.ascontiguousarray(counts, np.int64))
+        _bind(io.bind_output, LOGITS, logits)
+        self.session.run_with_iobinding(io)
+
+
+def right_align(left_padded: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Rows whose last counts[b] entries are valid -> rows whose first counts[b] entries are."""
+    seq = left_padded.shape[1]
+    out = np.zeros_like(left_padded)
+    for row, n in enumerate(counts):
+        out[row, :n] = left_padded[row, seq - n:]
+    return out
+
+
+class TorchServingStep(_ServingLayout):
+    """The serving layout on the torch backend: ServingMixtralModel writing a TorchStaticCache
+    (allocated once, on the model's device) in place, with per-row lengths, as ServingStep does
+    on ONNX Runtime. No host synchronisation inside a step, so its CUDA path can be captured in
+    a CUDA graph (not done yet; unverified without a GPU)."""
+
+    def __init__(self, model, capacity: int, max_batch: int) -> None:  # model: ServingMixtralModel
+        self.model = model.write_in_place()
+        self.spec = model.spec
+        self.capacity, self.max_batch = capacity, max_batch
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+
+    def new_cache(self):
+        from mixbuild.runtime.kv_cache import TorchStaticCache
+
+        return TorchStaticCache(self.spec, self.capacity, self.max_batch, self.dtype, self.device)
+
+    def run(self, ids: np.ndarray, positions: np.ndarray, counts: np.ndarray, cache) -> np.ndarray:
+        import torch
+
+        from mixbuild.tensors import to_numpy
+
+        batch = ids.shape[0]
+        cache.check_room(batch, ids.shape[1])
+
+        def tensor(a):
+            return torch.from_numpy(np.ascontiguousarray(a, np.int64)).to(self.device)
+        with torch.inference_mode():
+            logits = self.model(tensor(ids), tensor(positions), tensor(cache.lengths[:batch]),
+                                tensor(counts), *(b[:batch] for b in cache.buffers))[0]
+        cache.lengths[:batch] += counts
+        return to_numpy(logits)

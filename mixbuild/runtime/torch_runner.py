@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mixbuild.contract import debug_output_names, input_names, is_kv_input, output_names
-from mixbuild.model.reference import MixtralModel
+from mixbuild.contract import Layout, debug_output_names, input_names, is_kv_input, output_names
+from mixbuild.model.reference import MixtralModel, model_class
 from mixbuild.tensors import to_numpy
 
 
@@ -29,6 +29,13 @@ class TorchRunner:
     def from_checkpoint(cls, path, dtype: torch.dtype | None = torch.float32, debug: bool = False,
                         device: str = "cpu") -> TorchRunner:
         """dtype None keeps the checkpoint's own dtype."""
+        return cls(cls.load_model(path, dtype, device, debug=debug))
+
+    @staticmethod
+    def load_model(path, dtype: torch.dtype | None, device: str, debug: bool = False,
+                   layout: Layout = Layout.CONCAT) -> MixtralModel:
+        """The reference model of `layout` on `device` (its MoE through the Triton kernels on
+        CUDA); dtype None keeps the checkpoint's own."""
         if str(device).startswith("cuda"):
             from mixbuild.plugins.dispatch import register_cuda_kernels
 
@@ -37,7 +44,7 @@ class TorchRunner:
             from mixbuild.model.checkpoint import Checkpoint
 
             dtype = Checkpoint(path).spec.dtype.torch
-        return cls(MixtralModel.from_checkpoint(path, dtype=dtype, device=device, debug=debug))
+        return model_class(layout).from_checkpoint(path, dtype=dtype, device=device, debug=debug)
 
     @torch.inference_mode()
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

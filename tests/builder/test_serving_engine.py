@@ -1,0 +1,47 @@
+"""TensorRT-RTX engines of serving-layout artifacts: the cache update and the attention become
+TensorRT's own KV-cache-update and attention layers, the capacity is fixed in the engine, and
+both MoE modes build at every precision."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from tests.builder.conftest import LIMITS, PRECISIONS, TARGET, _fastest_rounding, manifest
+
+
+@pytest.fixture(scope="module")
+def serving_artifacts(fixture_dir, tmp_path_factory):
+    from mixbuild.exporter.export import export_checkpoint
+    from mixbuild.quant.config import QuantConfig
+
+    root = tmp_path_factory.mktemp("serving-artifacts")
+    calib = {"calib_tokens": 64, "calib_seq_len": 32, **_fastest_rounding(QuantConfig)}
+    quant = {"fp16": None, "int4": QuantConfig.parse("int4", int4_method="rtn", **calib),
+             "fp8": QuantConfig.parse("fp8", **calib)}
+    return {name: export_checkpoint(fixture_dir, root / name, dtype="fp16", quant=q,
+                                    layout="serving", progress=False)
+            for name, q in quant.items()}
+
+
+@pytest.mark.parametrize("moe", ["plugin", "inline"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_serving_engines_use_tensorrt_kv_cache_and_attention_layers(trt, serving_artifacts,
+                                                                    tmp_path, precision, moe):
+    from mixbuild.builder.build import build_engine
+
+    out = build_engine(serving_artifacts[precision], tmp_path / "engine", backend="tensorrt-rtx",
+                       compute_capability=TARGET, moe=moe, opt_level=0, progress=False, **LIMITS)
+    m = manifest(out)
+    layers = 3
+    types = Counter(item["type"] for item in m["layers"]["items"])
+    assert types["KV_CACHE_UPDATE"] == 2 * layers          # TensorScatter -> IKVCacheUpdateLayer
+    assert types["ATTENTION_INPUT"] == types["ATTENTION_OUTPUT"] == layers   # -> IAttention
+    assert m["layout"] == "serving" and m["cache_capacity"] == LIMITS["max_context"]
+    cache = next(t for t in m["inputs"] if t["name"] == "cache.0.key")
+    assert cache["shape"][2] == LIMITS["max_context"]      # fixed, as the update layer needs
+    assert any("cache capacity fixed" in r for r in m["builder"]["graph_rewrites"])
+    assert {p["name"]: sorted(p["dims"]) for p in m["profiles"]} == {
+        "prefill": ["batch", "capacity", "seq"], "decode": ["batch", "capacity", "seq"]}
+    assert (types["PLUGIN_V3"] == 2 * layers) == (moe == "plugin")
