@@ -17,7 +17,7 @@ PACKAGE = ROOT / "mixbuild"
 
 # Lowest first. A module may import from its own group and from any group before it.
 LAYERS = [
-    {"mixbuild", "errors", "progress", "contract", "atomic", "tensors", "fixtures"},
+    {"mixbuild", "errors", "progress", "contract", "atomic", "tensors", "jsonfile", "fixtures"},
     {"model"},
     {"plugins"},
     {"quant"},

@@ -30,7 +30,8 @@ from mixbuild.contract import (
     Precision,
 )
 from mixbuild.errors import ArtifactError, UsageError
-from mixbuild.exporter.manifest import field, json_type, mismatch, read_json_object
+from mixbuild.exporter.manifest import field, mismatch
+from mixbuild.jsonfile import json_type, read_json_object
 
 
 def plugin_summary(layers: list[dict]) -> list[dict]:
@@ -63,7 +64,7 @@ def read_engine_manifest(directory: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{directory} is not a mixbuild engine directory",
                             expected=f"{PLAN_FILE} and {ENGINE_MANIFEST_FILE}",
                             hint="build one with `mixbuild engine ARTIFACT -o DIR`")
-    manifest = read_json_object(path, "engine manifest", _HINT)
+    manifest = read_json_object(path, ArtifactError, "engine manifest", _HINT)
     if manifest.get("kind") != ENGINE_KIND or manifest.get("format_version") != ENGINE_FORMAT_VERSION \
             or type(manifest.get("format_version")) is not int:
         raise ArtifactError(f"{path}: not an engine manifest of a known format",

@@ -39,6 +39,7 @@ from mixbuild.contract import (
     present_value,
 )
 from mixbuild.errors import ConfigError
+from mixbuild.jsonfile import read_json_object
 from mixbuild.model.checkpoint import Checkpoint
 
 GENERATION_CONFIG = "generation_config.json"
@@ -152,13 +153,7 @@ def _generation_config(checkpoint: Path) -> tuple[dict[str, Any], str]:
     path = checkpoint / GENERATION_CONFIG
     if not path.is_file():
         return {}, str(path)
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON", found=str(exc)) from exc
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a JSON object", found=type(config).__name__)
-    return config, str(path)
+    return read_json_object(path, ConfigError, "generation config"), str(path)
 
 
 def _token_ids(value, vocab_size: int, what: str, allow_list: bool = True) -> tuple[int, ...]:

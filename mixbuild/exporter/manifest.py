@@ -17,6 +17,7 @@ from mixbuild.contract import (
     Precision,
 )
 from mixbuild.errors import ArtifactError
+from mixbuild.jsonfile import json_type, read_json_object
 
 _CHUNK = 16 * 1024 * 1024
 
@@ -41,18 +42,6 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def read_json_object(path: Path, what: str, hint: str) -> dict[str, Any]:
-    """A JSON object from `path`, or ArtifactError (corrupt, not UTF-8, not an object)."""
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ArtifactError(f"{path}: corrupt {what}", found=str(exc)[:200], hint=hint) from exc
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: corrupt {what}", expected="a JSON object",
-                            found=f"a JSON {json_type(data)}", hint=hint)
-    return data
-
-
 def read_manifest(directory: Path) -> dict[str, Any]:
     """mixbuild.json, its format version and every field the contract lists with its type
     (ArtifactError naming the field otherwise)."""
@@ -62,7 +51,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"{directory} is not a mixbuild artifact (no {MANIFEST_FILE})",
                             hint="create one with `mixbuild export CHECKPOINT -o DIR`")
-    manifest = read_json_object(path, "manifest", "export the artifact again")
+    manifest = read_json_object(path, ArtifactError, "manifest", "export the artifact again")
     version = manifest.get("format_version")
     if type(version) is not int or version != ARTIFACT_FORMAT_VERSION:
         raise ArtifactError(f"{path}: unsupported manifest format",
@@ -75,22 +64,6 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------- field checks
 
 _HINT = "the manifest was edited or damaged; export the artifact again"
-_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
-          "object": dict, "array": list}
-
-
-def json_type(value: Any) -> str:
-    """The JSON name of a value's type: string, integer, number, boolean, object, array, null."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    for name, kind in _TYPES.items():
-        if isinstance(value, kind):
-            return name
-    return type(value).__name__
-
-
 def _short(value: Any) -> str:
     try:
         text = json.dumps(value)

@@ -8,7 +8,6 @@ Shape legend used across mixbuild:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from mixbuild.contract import DType, Precision
 from mixbuild.errors import ConfigError
+from mixbuild.jsonfile import read_json_object
 
 
 @dataclass(frozen=True)
@@ -155,12 +155,7 @@ class MixtralSpec:
         if not path.is_file():
             raise ConfigError(f"config not found: {path}",
                               hint="point mixbuild at a Hugging Face checkpoint directory with config.json")
-        try:
-            config = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON", found=str(exc)) from exc
-        if not isinstance(config, dict):
-            raise ConfigError(f"{path}: expected a JSON object", found=type(config).__name__)
+        config = read_json_object(path, ConfigError, "config")
         return cls.from_config(config, source=str(path))
 
     def to_hf_config(self) -> dict[str, Any]:

@@ -9,7 +9,6 @@ top-p, then one draw. ``temperature == 0`` is greedy decoding (argmax after the 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from mixbuild.errors import ConfigError, UsageError
+from mixbuild.jsonfile import read_json_object
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -122,12 +122,7 @@ class GenerationDefaults:
         eos_token_id / pad_token_id must be token ids (integers in [0, vocab_size) when
         `vocab_size` is given): a ConfigError naming the file, the field and the value."""
         path = Path(directory) / GENERATION_CONFIG
-        try:
-            config = json.loads(path.read_text()) if path.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON", found=str(exc)) from exc
-        if not isinstance(config, dict):
-            raise ConfigError(f"{path}: expected a JSON object", found=type(config).__name__)
+        config = read_json_object(path, ConfigError, "generation config") if path.is_file() else {}
         if "eos_token_id" in config:
             eos = token_ids(config["eos_token_id"], vocab_size, f"{path}: eos_token_id")
         else:
