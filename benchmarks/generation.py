@@ -67,6 +67,16 @@ def make_large_checkpoint(out: Path) -> Path:
     return out
 
 
+def bench_models(work: Path, skip_large: bool) -> list[tuple[str, Path]]:
+    """(name, checkpoint) of the benchmark models: the trained fixture, then (unless skipped)
+    the random Mixtral-shaped model, made once in `work`."""
+    models = [("fixture", FIXTURE)]
+    if not skip_large:
+        large = work / "large-ckpt"
+        models.append(("random-338M", large if large.is_dir() else make_large_checkpoint(large)))
+    return models
+
+
 def prompts_for(checkpoint: Path, vocab_size: int, count: int) -> list[list[int]]:
     """The fixture's code prompts through its tokenizer; random ids for a model without one."""
     import numpy as np
@@ -211,12 +221,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
-        models = [("fixture", FIXTURE)]
-        if not args.skip_large:
-            large = work / "large-ckpt"
-            models.append(("random-338M", large if large.is_dir() else make_large_checkpoint(large)))
         rows = []
-        for name, checkpoint in models:
+        for name, checkpoint in bench_models(work, args.skip_large):
             artifact = work / f"{name}-fp32"
             if not artifact.is_dir():
                 export_checkpoint(checkpoint, artifact, dtype="fp32", progress=False)

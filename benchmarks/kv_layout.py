@@ -41,7 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-FIXTURE = ROOT / "mixbuild" / "fixtures" / "tiny-code"
 LENGTHS = (16, 256, 1024, 1900)
 BATCHES = (1, 8)
 CAPACITY = 2048
@@ -264,16 +263,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
-    from generation import make_large_checkpoint
+    from generation import bench_models
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        models = [("fixture", FIXTURE)]
-        if not args.skip_large:
-            large = work / "large-ckpt"
-            models.append(("random-338M", large if large.is_dir() else make_large_checkpoint(large)))
-        results = {name: measure_model(name, ckpt, work, args) for name, ckpt in models}
+        results = {name: measure_model(name, ckpt, work, args)
+                   for name, ckpt in bench_models(work, args.skip_large)}
     print(f"\nthreads={args.threads}, fp32, ONNX Runtime CPU, {args.new_tokens} decode steps, "
           f"serving capacity {CAPACITY}, median of {args.repeats}, best of {args.rounds} rounds\n")
     print(render(results))
