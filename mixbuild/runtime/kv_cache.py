@@ -1,6 +1,7 @@
 """The KV cache the generation layer owns.
 
-The ONNX contract feeds ``past`` [B, Nkv, P, D] and returns ``present`` [B, Nkv, P+S, D]: the
+The concat layout (the serving layout's `StaticCache` is at the end of this module): the ONNX
+contract feeds ``past`` [B, Nkv, P, D] and returns ``present`` [B, Nkv, P+S, D]: the
 graph itself concatenates, so each step necessarily writes the whole cache once. `KVCache`
 makes that the only copy. Each cache tensor has two flat preallocated buffers (ping-pong): the
 past is a contiguous view of the first B*Nkv*P*D elements of one buffer, and the runner writes

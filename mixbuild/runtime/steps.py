@@ -24,6 +24,12 @@ io_binding=True on CPU.
   come back to the host. This is what `load(..., device="cuda")` uses, so the KV cache never
   crosses PCIe; the same class runs (and is tested) on CPU, but the CUDA path is unverified
   here (no GPU).
+
+The serving layout (docs/contract.md) has its own two steps, picked by `load` from the
+artifact's manifest (ort) or layout="serving" (torch): `ServingStep` binds one StaticCache as
+both the graph's cache input and output (ONNX Runtime updates it in place; nothing is copied
+per step) and `TorchServingStep` writes a TorchStaticCache in place. Both take right-padded
+rows with per-row lengths (`run`), or the generation loop's left-padded call.
 """
 
 from __future__ import annotations
