@@ -160,7 +160,7 @@ def checkpoint_copy(tmp_path_factory) -> Path:
     return dst
 
 
-_EXPORTED: set[str] = set()   # the specs (as JSON) this session exported from a mutated config
+_EXPORTED: set[str] = set()   # the specs (as JSON) this pytest run exported from a mutated config
 
 
 def _spec_or_none(config: Path) -> str | None:
