@@ -461,7 +461,8 @@ def test_config_json_eos_outside_the_vocabulary(runnable_ckpt):
 
 
 def test_generation_config_library_check():
-    from mixbuild.runtime.sampling import GenerationDefaults, token_ids
+    from mixbuild.model.generation import token_ids
+    from mixbuild.runtime.sampling import GenerationDefaults
 
     assert token_ids([2, np.int64(3)], 128, "x") == (2, 3)
     with pytest.raises(ConfigError, match=r"holds 2\.0, which is not a token id"):

@@ -38,11 +38,9 @@ from mixbuild.contract import (
     present_key,
     present_value,
 )
-from mixbuild.errors import ConfigError
-from mixbuild.jsonfile import read_json_object
 from mixbuild.model.checkpoint import Checkpoint
+from mixbuild.model.generation import GenerationConfig
 
-GENERATION_CONFIG = "generation_config.json"
 # onnxruntime-genai has no "mixtral" type (src/models/model_type.h: ModelType::IsLLM); "decoder"
 # is its generic decoder-only type, and the graph is opaque to it anyway.
 GENAI_MODEL_TYPE = "decoder"
@@ -57,21 +55,11 @@ def write_client_configs(directory: Path, ckpt: Checkpoint) -> dict[str, dict[st
 def write_genai_config(directory: Path, ckpt: Checkpoint) -> dict[str, Any]:
     """genai_config.json for onnxruntime-genai; returns the dict written."""
     spec = ckpt.spec
-    generation, source = _generation_config(ckpt.path)
+    read = GenerationConfig.read(ckpt.path, spec.eos_token_id, spec.vocab_size)
+    generation, eos, pad = read.fields, read.eos_token_ids, read.pad_token_id
     vocab = spec.vocab_size
-    if "eos_token_id" in generation:
-        eos = _token_ids(generation["eos_token_id"], vocab, f"{source}: eos_token_id")
-    else:
-        eos = _token_ids(spec.eos_token_id, vocab, "config.json: eos_token_id")
-    pad = generation.get("pad_token_id")
-    if pad is not None:
-        (pad,) = _token_ids(pad, vocab, f"{source}: pad_token_id", allow_list=False)
-    else:
-        pad = eos[0] if eos else 0
-    bos = generation.get("bos_token_id")
-    if bos is not None:
-        (bos,) = _token_ids(bos, vocab, f"{source}: bos_token_id", allow_list=False)
-    else:
+    bos = read.token_id("bos_token_id")
+    if bos is None:
         bos = spec.bos_token_id
     model: dict[str, Any] = {
         "type": GENAI_MODEL_TYPE,
@@ -147,31 +135,6 @@ def _search(generation: dict[str, Any], context: int) -> dict[str, Any]:
 def _template(name_for: Callable[[int], str]) -> str:
     """A per-layer tensor name as genai's printf template: past_key_values.%d.key."""
     return name_for(0).replace(".0.", ".%d.", 1)
-
-
-def _generation_config(checkpoint: Path) -> tuple[dict[str, Any], str]:
-    path = checkpoint / GENERATION_CONFIG
-    if not path.is_file():
-        return {}, str(path)
-    return read_json_object(path, ConfigError, "generation config"), str(path)
-
-
-def _token_ids(value, vocab_size: int, what: str, allow_list: bool = True) -> tuple[int, ...]:
-    """None, an id or a list of ids -> a tuple of ids in [0, vocab_size); a ConfigError naming
-    `what` otherwise (the message of the runtime's check, mixbuild/runtime/sampling.py)."""
-    if value is None:
-        return ()
-    values = list(value) if allow_list and isinstance(value, list) else [value]
-    for v in values:
-        integer = isinstance(v, int) and not isinstance(v, bool)
-        if integer and 0 <= v < vocab_size:
-            continue
-        raise ConfigError(f"{what} holds {v!r}, which is "
-                          + ("outside the vocabulary" if integer else "not a token id"),
-                          expected=("a token id or a list of them" if allow_list else "a token id")
-                                   + f": integers in [0, {vocab_size}) (vocab_size {vocab_size})",
-                          found=repr(value))
-    return tuple(values)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -31,9 +31,10 @@ from mixbuild.contract import (
     Layout,
 )
 from mixbuild.errors import ArtifactError, MissingDependencyError, UsageError, choice
+from mixbuild.model.generation import token_ids
 from mixbuild.model.spec import MixtralSpec
 from mixbuild.runtime.generate import Request, Result, run_batch
-from mixbuild.runtime.sampling import GenerationDefaults, SamplingParams, token_ids
+from mixbuild.runtime.sampling import GenerationDefaults, SamplingParams
 from mixbuild.runtime.tokenizer import Tokenizer
 
 # What each backend opens, for detection and for error messages.

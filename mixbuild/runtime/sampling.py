@@ -15,10 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from mixbuild.errors import ConfigError, UsageError
-from mixbuild.jsonfile import read_json_object
-
-GENERATION_CONFIG = "generation_config.json"
+from mixbuild.errors import UsageError
+from mixbuild.model.generation import GenerationConfig
 
 
 @dataclass(frozen=True)
@@ -121,41 +119,9 @@ class GenerationDefaults:
         """generation_config.json of `directory` (absent: greedy, the spec's eos ids). Its
         eos_token_id / pad_token_id must be token ids (integers in [0, vocab_size) when
         `vocab_size` is given): a ConfigError naming the file, the field and the value."""
-        path = Path(directory) / GENERATION_CONFIG
-        config = read_json_object(path, ConfigError, "generation config") if path.is_file() else {}
-        if "eos_token_id" in config:
-            eos = token_ids(config["eos_token_id"], vocab_size, f"{path}: eos_token_id")
-        else:
-            eos = token_ids(spec_eos, vocab_size, "config.json: eos_token_id")
-        pad = config.get("pad_token_id")
-        if pad is not None:
-            (pad,) = token_ids(pad, vocab_size, f"{path}: pad_token_id", allow_list=False)
-        else:
-            pad = eos[0] if eos else 0
-        return cls(sampling=_sampling_from_config(config), eos_token_ids=eos, pad_token_id=pad)
-
-
-def token_ids(value, vocab_size: int | None = None, what: str = "token ids",
-              allow_list: bool = True) -> tuple[int, ...]:
-    """None, one id or a list of ids (as configs write eos_token_id) -> a tuple of ids. Each
-    must be an integer (a bool or a float is refused, not truncated) and, when `vocab_size` is
-    given, in [0, vocab_size); a ConfigError naming `what` and the value otherwise."""
-    if value is None:
-        return ()
-    many = isinstance(value, (list, tuple)) and allow_list
-    values = list(value) if many else [value]
-    for v in values:
-        integer = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-        if integer and v >= 0 and (vocab_size is None or v < vocab_size):
-            continue
-        valid = f"integers in [0, {vocab_size})" if vocab_size is not None else "integers >= 0"
-        raise ConfigError(f"{what} holds {v!r}, which is "
-                          + ("not a token id" if not integer else "outside the vocabulary"),
-                          expected=f"{'a token id or a list of them' if allow_list else 'a token id'}"
-                                   f": {valid}" + (f" (vocab_size {vocab_size})" if vocab_size else ""),
-                          found=repr(value)[:200],
-                          hint="fix the file: token ids come from this model's tokenizer")
-    return tuple(int(v) for v in values)
+        config = GenerationConfig.read(directory, spec_eos, vocab_size)
+        return cls(sampling=_sampling_from_config(config.fields),
+                   eos_token_ids=config.eos_token_ids, pad_token_id=config.pad_token_id)
 
 
 def _sampling_from_config(config: dict[str, Any]) -> SamplingParams:
