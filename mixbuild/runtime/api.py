@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from mixbuild.model.generation import token_ids
 from mixbuild.model.spec import MixtralSpec
 from mixbuild.runtime.generate import Request, Result, run_batch
 from mixbuild.runtime.sampling import GenerationDefaults, SamplingParams
+from mixbuild.runtime.scheduler import DEFAULT_MAX_QUEUE, DEFAULT_STEP_TOKENS, Event, Handle
 from mixbuild.runtime.tokenizer import Tokenizer
 
 # What each backend opens, for detection and for error messages.
@@ -53,6 +54,9 @@ class LoadOptions:
     io_binding: bool = False
     spinning: bool = True
     layout: Layout | None = None      # torch backend: which KV-cache layout (default concat)
+    continuous_batching: bool = True  # serving layout: concurrent calls share one scheduler
+    step_tokens: int = DEFAULT_STEP_TOKENS
+    max_queue: int = DEFAULT_MAX_QUEUE
 
     @classmethod
     def parse(cls, backend: str, device: str, layout: str | None = None, **rest) -> LoadOptions:
@@ -63,9 +67,9 @@ class LoadOptions:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("max_batch", "max_context", "threads"):
+        for name in ("max_batch", "max_context", "threads", "step_tokens", "max_queue"):
             value = getattr(self, name)
-            if name != "max_batch" and value is None:
+            if name in ("max_context", "threads") and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"invalid load option '{name}'", expected="an integer >= 1",
@@ -99,7 +103,8 @@ def detect_backend(path: Path) -> Backend:
 
 def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch: int = 8,
          max_context: int | None = None, threads: int | None = None, io_binding: bool = False,
-         spinning: bool = True, layout: str | None = None) -> Model:
+         spinning: bool = True, layout: str | None = None, continuous_batching: bool = True,
+         step_tokens: int = DEFAULT_STEP_TOKENS, max_queue: int = DEFAULT_MAX_QUEUE) -> Model:
     """Open a model directory for generation.
 
     backend: "ort" (artifact dir), "torch" (checkpoint dir), "trt" (engine dir) or "auto"
@@ -113,13 +118,18 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch
     on) lets its idle threads busy-wait: ~1.5x faster decode of the small fixture on 2 idle cores,
     but ~1.7x slower when other processes or thread pools (torch in the same process) compete
     for the cores; pass spinning=False on shared hosts. A serving-layout artifact runs through
-    `ServingStep` (one cache of max_batch x max_context allocated per concurrent call and
-    updated in place); layout="serving" gives the torch backend the same contract
-    (`TorchServingStep`).
+    `ServingStep`; layout="serving" gives the torch backend the same contract
+    (`TorchServingStep`). Such a model runs every call through one continuous-batching
+    `Scheduler` (mixbuild/runtime/scheduler.py): one KV cache of max_batch slots x max_context
+    positions, updated in place; concurrent calls share its batches, a prompt is prefilled in
+    chunks of at most step_tokens tokens per iteration, and at most max_queue requests wait
+    for a slot (`submit_ids` refuses past that; `generate` waits). continuous_batching=False
+    gives each call its own cache and batch instead (the per-call runtime).
     """
     options = LoadOptions.parse(backend, device, layout=layout, max_batch=max_batch,
                                 max_context=max_context, threads=threads, io_binding=io_binding,
-                                spinning=spinning)
+                                spinning=spinning, continuous_batching=continuous_batching,
+                                step_tokens=step_tokens, max_queue=max_queue)
     path = Path(path)
     found = detect_backend(path)
     chosen = found if options.backend is Backend.AUTO else options.backend
@@ -243,6 +253,8 @@ class Model:
         self.options = options or LoadOptions()
         self.backend = backend
         self.caches = _CachePool(step.new_cache)
+        self._scheduler = None
+        self._scheduler_lock = threading.Lock()
 
     @classmethod
     def from_runner(cls, runner, tokenizer: Tokenizer | None = None,
@@ -258,7 +270,38 @@ class Model:
     @property
     def context_limit(self) -> int:
         limit = self.spec.max_position_embeddings
-        return min(limit, self.options.max_context) if self.options.max_context else limit
+        if self.options.max_context:
+            limit = min(limit, self.options.max_context)
+        capacity = getattr(self.step, "capacity", None)   # the serving layout's cache
+        return min(limit, capacity) if capacity else limit
+
+    @property
+    def continuous_batching(self) -> bool:
+        """Whether calls run through the shared scheduler (a serving-layout step)."""
+        return hasattr(self.step, "run") and self.options.continuous_batching
+
+    @property
+    def scheduler(self):
+        """The continuous-batching Scheduler (started on first use); None for a step without
+        the serving contract, or with continuous_batching=False."""
+        if not self.continuous_batching:
+            return None
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                from mixbuild.runtime.scheduler import Scheduler
+
+                self._scheduler = Scheduler(self.step, max_batch=self.options.max_batch,
+                                            capacity=self.context_limit,
+                                            step_tokens=self.options.step_tokens,
+                                            max_queue=self.options.max_queue)
+            return self._scheduler
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop the scheduler (finishing what runs, with drain); a no-op without one."""
+        with self._scheduler_lock:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.close(drain=drain, timeout=timeout)
 
     def sampling(self, sampling: SamplingParams | None = None, **overrides) -> SamplingParams:
         """The sampling a call uses: `sampling` (a whole SamplingParams) or else the artifact's
@@ -288,13 +331,48 @@ class Model:
                      **overrides) -> list[Result]:
         """`sampling` is one SamplingParams for every prompt or a list with one per prompt."""
         requests = self._requests(prompts, sampling, overrides)
-        for _ in self._events(requests):
-            pass
-        return [r.result() for r in requests]
+        scheduler = self.scheduler
+        if scheduler is None:
+            for _ in self._events(requests):
+                pass
+            return [r.result() for r in requests]
+        handles: list[Handle] = []
+        try:
+            for request in requests:
+                handles.append(scheduler.submit(request, block=True))
+            return [h.result() for h in handles]
+        finally:            # an error or an interrupt: what is still running stops
+            for h in handles:
+                h.cancel()
 
     def stream_ids(self, prompt: Sequence[int], sampling=None, **overrides) -> TextStream:
         requests = self._requests([prompt], sampling, overrides)
-        return TextStream(self._events(requests), requests[0])
+        scheduler = self.scheduler
+        if scheduler is None:
+            return TextStream(self._events(requests), requests[0])
+        return TextStream(_handle_events(scheduler.submit(requests[0], block=True)), requests[0])
+
+    def submit_ids(self, prompt: Sequence[int], sampling=None, *, logprobs: int | None = None,
+                   on_event: Callable[[Event], None] | None = None, **overrides) -> Handle:
+        """Queue one request on the scheduler and return at once. Its Handle yields events
+        (text pieces, token ids, and with `logprobs` = k the token's log-probability and the k
+        most likely alternatives), or they go to `on_event`, called on the scheduler's thread.
+        Raises `Overloaded` when the queue is full. Needs continuous batching: a
+        serving-layout model."""
+        scheduler = self.scheduler
+        if scheduler is None:
+            found = ("continuous_batching=False" if hasattr(self.step, "run")
+                     else f"a {self.backend} model with the concat KV-cache layout")
+            raise UsageError("submit_ids needs a model with continuous batching", found=found,
+                             hint="export with `mixbuild export --layout serving`, or load a "
+                                  "checkpoint with layout='serving'")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= self.spec.vocab_size):
+            raise UsageError("invalid logprobs",
+                             expected=f"an integer in [0, {self.spec.vocab_size}]",
+                             found=repr(logprobs))
+        request = self._requests([prompt], sampling, overrides)[0]
+        return scheduler.submit(request, logprobs=logprobs, on_event=on_event)
 
     # ----------------------------------------------------------------- internals
     def _events(self, requests: list[Request]) -> Iterator[tuple[int, str]]:
@@ -327,9 +405,12 @@ class Model:
         for p in params:
             p.check_vocab(self.spec.vocab_size)
         eos = self.defaults.eos_token_ids
-        return [Request(p, s, min(s.max_new_tokens, self.context_limit - len(p)),
-                        self.spec.vocab_size, eos, self.tokenizer, start)
-                for p, s in zip(prompts, params)]
+        requests = [Request(p, s, min(s.max_new_tokens, self.context_limit - len(p)),
+                            self.spec.vocab_size, eos, self.tokenizer, start)
+                    for p, s in zip(prompts, params)]
+        for index, request in enumerate(requests):
+            request.index = index
+        return requests
 
     def _params_for(self, count: int, sampling, overrides) -> list[SamplingParams]:
         if isinstance(sampling, (list, tuple)):
@@ -380,6 +461,19 @@ def _token_list(prompt, index: int, vocab: int) -> list[int]:
                              expected=f"ids in [0, {vocab}) (vocab_size {vocab})",
                              found=f"{int(t)}; the prompt's ids range from {min(ids)} to {max(ids)}")
     return [int(t) for t in ids]
+
+
+def _handle_events(handle: Handle) -> Iterator[tuple[int, str]]:
+    """A scheduled request's events as the per-call loop's (index, piece) pairs; closing the
+    iterator cancels the request."""
+    try:
+        for event in handle.events():
+            if event.error is not None:
+                raise event.error
+            if event.text:
+                yield 0, event.text
+    finally:
+        handle.cancel()
 
 
 class TextStream:

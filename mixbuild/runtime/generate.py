@@ -23,6 +23,7 @@ from mixbuild.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 class FinishReason(str, Enum):
     STOP = "stop"      # an end-of-sequence id, a stop token id or a stop string
     LENGTH = "length"  # max_new_tokens, or the context limit
+    CANCELLED = "cancelled"  # the caller cancelled it (a stream closed, a client went away)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Request:
         self.finish: FinishReason | None = None
         self.stopped_by: str | int | None = None
         self.start, self.first_at, self.end_at = start, 0.0, 0.0
+        self.index = 0    # its position among the prompts of its call (for error messages)
 
     @property
     def finished(self) -> bool:
@@ -89,6 +91,11 @@ class Request:
         if not self.finished and len(self.tokens) >= self.budget:
             self._finish(FinishReason.LENGTH, None, now)
         return self._release()
+
+    def cancel(self, reason: FinishReason, now: float) -> None:
+        """End the request where it stands (the text held back for a stop string is kept)."""
+        self._finish(reason, None, now)
+        self.released = len(self.text)
 
     def _finish(self, reason: FinishReason, cause, now: float) -> None:
         self.finish, self.stopped_by, self.end_at = reason, cause, now

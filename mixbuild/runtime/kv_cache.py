@@ -218,6 +218,13 @@ class StaticCache:
         self.lengths[:len(keep)] = self.lengths[keep]
         self.batch = len(keep)
 
+    def move_row(self, src: int, dst: int) -> None:
+        """Row `src`'s valid positions (and length) into row `dst` (a freed slot)."""
+        length = int(self.lengths[src])
+        for buffer in self.buffers:
+            buffer[dst, :, :length] = buffer[src, :, :length]
+        self.lengths[dst] = length
+
     @staticmethod
     def _rows(buffer, keep: np.ndarray):
         return buffer[keep]

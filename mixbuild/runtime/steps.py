@@ -169,8 +169,9 @@ class ServingStep(_ServingLayout):
         # only one row at a time (mixbuild/runtime/ort_attention.py)
         self.one_row_chunks = bool(getattr(runner, "fast_attention", 0))
 
-    def new_cache(self) -> StaticCache:
-        return StaticCache(self.spec, self.capacity, self.max_batch, self.kv_dtype)
+    def new_cache(self, capacity: int | None = None, max_batch: int | None = None) -> StaticCache:
+        return StaticCache(self.spec, capacity or self.capacity, max_batch or self.max_batch,
+                           self.kv_dtype)
 
     def _bind_cache(self, cache: StaticCache, rows: slice):
         """The IOBinding with rows `rows` of every cache buffer bound as both the input and the
@@ -200,7 +201,8 @@ class ServingStep(_ServingLayout):
             # its first free position, which its own call then overwrites), then one call per
             # prefilling row
             single = np.where(counts == 1, counts, 0)
-            self._call(ids[:, :1], positions[:, :1], single, cache, slice(0, batch), logits)
+            if single.any():
+                self._call(ids[:, :1], positions[:, :1], single, cache, slice(0, batch), logits)
             for r in chunks:
                 n = int(counts[r])
                 self._call(ids[r:r + 1, :n], positions[r:r + 1, :n], counts[r:r + 1], cache,
@@ -242,10 +244,11 @@ class TorchServingStep(_ServingLayout):
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
 
-    def new_cache(self):
+    def new_cache(self, capacity: int | None = None, max_batch: int | None = None):
         from mixbuild.runtime.kv_cache import TorchStaticCache
 
-        return TorchStaticCache(self.spec, self.capacity, self.max_batch, self.dtype, self.device)
+        return TorchStaticCache(self.spec, capacity or self.capacity, max_batch or self.max_batch,
+                                self.dtype, self.device)
 
     def run(self, ids: np.ndarray, positions: np.ndarray, counts: np.ndarray, cache) -> np.ndarray:
         import torch
