@@ -215,6 +215,10 @@ def _open_trt(path: Path, options: LoadOptions):
     from mixbuild.runtime.trt_runner import TrtRunner
 
     runner = TrtRunner(path)  # checks the manifest and the TensorRT import first
+    if runner.manifest.get("layout") == Layout.SERVING.value:
+        from mixbuild.runtime.trt_runner import TrtServingStep
+
+        return TrtServingStep(runner, options.max_batch), runner.spec
     return FeedStep(runner, runner.kv_dtype), runner.spec
 
 
@@ -292,7 +296,9 @@ class Model:
 
                 self._scheduler = Scheduler(self.step, max_batch=self.options.max_batch,
                                             capacity=self.context_limit,
-                                            step_tokens=self.options.step_tokens,
+                                            step_tokens=min(self.options.step_tokens,
+                                                            getattr(self.step, "max_step_tokens",
+                                                                    self.options.step_tokens)),
                                             max_queue=self.options.max_queue)
             return self._scheduler
 

@@ -148,7 +148,11 @@ class Scheduler:
         self.max_batch, self.capacity = max_batch, capacity
         self.step_tokens, self.max_queue = step_tokens, max_queue
         # headroom: a ragged step writes scratch K/V up to its width past a row's valid length
+        # (see _plan); a step whose capacity is fixed (a TensorRT engine) returns its own
         self.cache = step.new_cache(capacity=capacity + step_tokens, max_batch=max_batch)
+        if self.cache.capacity < capacity:
+            raise ValueError(f"the step's cache holds {self.cache.capacity} positions, "
+                             f"fewer than the context of {capacity}")
         self.metrics = ServingMetrics(max_batch)
         self._waiting: deque[Handle] = deque()
         self._slots: list[_Slot] = []
@@ -257,6 +261,10 @@ class Scheduler:
         decoding = [i for i, s in enumerate(self._slots) if s.decoding]
         counts[decoding] = 1
         budget = max(self.step_tokens - len(decoding), max(1, self.step_tokens // 4))
+        # a step of width W writes (scratch) K/V at lengths[b] .. lengths[b] + W - 1 of every
+        # row: W stays within the cache (the headroom new_cache was asked for; an engine's
+        # fixed capacity may have none)
+        budget = min(budget, self.cache.capacity - int(self.cache.lengths[:len(counts)].max()))
         prefilling = sorted((i for i, s in enumerate(self._slots) if not s.decoding),
                             key=lambda i: self._slots[i].order)
         for i in prefilling:

@@ -22,7 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mixbuild.contract import PLAN_FILE, EngineBackend, input_names, output_names
+from mixbuild.contract import (
+    PLAN_FILE,
+    SERVING_INPUTS,
+    EngineBackend,
+    Layout,
+    cache_pairs,
+    input_names,
+    output_names,
+)
 from mixbuild.errors import ArtifactError, UsageError
 from mixbuild.model.spec import MixtralSpec
 
@@ -57,7 +65,9 @@ class TrtRunner:
         self.stream = torch.cuda.Stream()
         self.lock = threading.Lock()
         self._inputs, self._outputs = input_names(self.spec.num_layers), output_names(self.spec.num_layers)
-        self.kv_dtype = self._numpy_dtype(self._inputs[3])
+        if self.manifest.get("layout") == Layout.SERVING.value:   # TrtServingStep binds these
+            self._inputs = [*SERVING_INPUTS, *(k for k, _ in cache_pairs(self.spec.num_layers))]
+        self.kv_dtype = self._numpy_dtype(self._inputs[-1])
 
     def _torch_dtype(self, name: str):
         from mixbuild.plugins.trt_fields import torch_dtype
@@ -86,11 +96,14 @@ class TrtRunner:
             return {name: to_numpy(t) for name, t in outputs.items()}
 
     def _select_profile(self, feeds: dict[str, np.ndarray]) -> None:
+        self._select_shapes({n: feeds[n].shape for n in self._inputs})
+
+    def _select_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
         if len(self.profiles) < 2:
             return
         from mixbuild.builder.profiles import select_profile
 
-        index = select_profile(self.profiles, {n: feeds[n].shape for n in self._inputs})
+        index = select_profile(self.profiles, shapes)
         if index != self.context.active_optimization_profile:
             self.context.set_optimization_profile_async(index, self.stream.cuda_stream)
 
@@ -112,3 +125,78 @@ class TrtRunner:
         tensor = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
         self.context.set_tensor_address(name, tensor.data_ptr())
         return tensor
+
+
+class TrtServingStep:
+    """A serving-layout engine (engine.json "layout": "serving") with the serving step contract
+    (`run`, as ServingStep / TorchServingStep), for the continuous-batching scheduler.
+
+    The KV cache is one TorchStaticCache on the GPU, [max_batch, Nkv, C, D] per layer and per
+    key/value, C the engine's fixed `cache_capacity`: each layer's cache input and its updated
+    output are bound to the SAME address, rows 0..B-1 of the buffer, so the engine's
+    KV-cache-update layer writes in place and nothing is copied per step. Only the token
+    inputs go host -> device and the last-token logits [B, V] device -> host.
+
+    Unverified: written against the TensorRT 10 / TensorRT-RTX Python API
+    (set_input_shape, set_tensor_address, execute_async_v3); no machine mixbuild is developed
+    on has a GPU with TensorRT."""
+
+    def __init__(self, runner: TrtRunner, max_batch: int) -> None:
+        from mixbuild.contract import Layout, cache_pairs
+
+        manifest = runner.manifest
+        if manifest.get("layout") != Layout.SERVING.value or not manifest.get("cache_capacity"):
+            raise ArtifactError("the engine was not built from a serving-layout artifact",
+                                expected='engine.json with "layout": "serving" and a cache_capacity',
+                                found=f"layout {manifest.get('layout')!r}",
+                                hint="export with `mixbuild export --layout serving` and build again")
+        self.runner, self.spec = runner, runner.spec
+        limits = manifest["limits"]
+        if max_batch > limits["max_batch"]:
+            raise UsageError("max_batch is larger than the engine's", expected=f"<= {limits['max_batch']}",
+                             found=str(max_batch), hint="load with a smaller max_batch, or rebuild")
+        self.capacity = int(manifest["cache_capacity"])
+        self.max_batch = max_batch
+        self.max_step_tokens = int(limits["max_step_tokens"])
+        self.names = cache_pairs(self.spec.num_layers)
+        self.dtype = runner._torch_dtype(self.names[0][0])
+        self.device = "cuda"
+
+    def new_cache(self, capacity: int | None = None, max_batch: int | None = None):
+        """The engine's capacity is fixed at build time: `capacity` larger than it is refused
+        by the caller's limits (Model.context_limit follows `self.capacity`)."""
+        from mixbuild.runtime.kv_cache import TorchStaticCache
+
+        return TorchStaticCache(self.spec, self.capacity, max_batch or self.max_batch, self.dtype,
+                                self.device)
+
+    def run(self, ids: np.ndarray, positions: np.ndarray, counts: np.ndarray, cache) -> np.ndarray:
+        import torch
+
+        from mixbuild.contract import CACHE_LENGTHS, INPUT_IDS, INPUT_LENGTHS, LOGITS, POSITION_IDS
+        from mixbuild.tensors import to_numpy
+
+        batch, seq = ids.shape
+        cache.check_room(batch, seq)
+        runner, context = self.runner, self.runner.context
+        feeds = {INPUT_IDS: ids, POSITION_IDS: positions, CACHE_LENGTHS: cache.lengths[:batch],
+                 INPUT_LENGTHS: counts}
+        with runner.lock, torch.cuda.stream(runner.stream):
+            shapes = {name: a.shape for name, a in feeds.items()}
+            shapes.update({name: (batch, *cache.buffers[0].shape[1:]) for name, _ in self.names})
+            runner._select_shapes(shapes)
+            keep = [runner._bind_input(name, np.ascontiguousarray(a, np.int64))
+                    for name, a in feeds.items()]
+            for (name, updated), buffer in zip(self.names, cache.buffers):
+                rows = buffer[:batch]                      # contiguous: rows are the outer dim
+                context.set_input_shape(name, tuple(rows.shape))
+                context.set_tensor_address(name, rows.data_ptr())
+                context.set_tensor_address(updated, rows.data_ptr())   # in place
+            logits = runner._bind_output(LOGITS)
+            if not context.execute_async_v3(runner.stream.cuda_stream):
+                raise ArtifactError("TensorRT failed to execute the engine",
+                                    hint="run with a TensorRT logger at VERBOSE for details")
+            runner.stream.synchronize()
+            del keep
+        cache.lengths[:batch] += counts
+        return to_numpy(logits)
