@@ -143,18 +143,19 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch
 
 
 def _open_ort(path: Path, options: LoadOptions):
+    from mixbuild.exporter.artifact import Artifact
     from mixbuild.runtime.ort_runner import OrtRunner
     from mixbuild.runtime.steps import BoundOrtStep, FeedStep, OrtValueStep, ServingStep
 
-    runner = OrtRunner(path, providers=_ort_providers(options.device), threads=options.threads,
-                       spinning=options.spinning)
+    artifact = Artifact.open(path)
+    # GroupQueryAttention (the serving layout's fast path) runs fp32 on the CPU provider only;
+    # its CUDA kernel takes fp16 / bf16
+    fast = options.device is Device.CPU or artifact.manifest.get("dtype") != "float32"
+    runner = OrtRunner(artifact, providers=_ort_providers(options.device), threads=options.threads,
+                       spinning=options.spinning, fast_attention=fast)
     if runner.artifact.manifest.get("layout") == Layout.SERVING.value:
-        if options.device is not Device.CPU:
-            raise UsageError("the serving layout runs on the CPU provider only, for now",
-                             found=f"device='{options.device.value}'",
-                             hint="use device='cpu', or export with --layout concat for CUDA")
         capacity = _serving_capacity(options, runner.spec)
-        return ServingStep(runner, capacity, options.max_batch), runner.spec
+        return ServingStep(runner, capacity, options.max_batch, options.device.value), runner.spec
     if options.device is Device.CUDA:  # the KV cache stays on the GPU between steps
         return OrtValueStep(runner, "cuda"), runner.spec
     if options.io_binding:

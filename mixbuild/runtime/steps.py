@@ -158,20 +158,32 @@ class ServingStep(_ServingLayout):
 
     The generation loop passes left-padded rows (the concat layout's convention); the step
     right-aligns each row's new tokens (input_lengths) and keeps the per-row cache lengths, so
-    rows of one batch may be at different positions."""
+    rows of one batch may be at different positions.
 
-    def __init__(self, runner, capacity: int, max_batch: int) -> None:  # runner: OrtRunner
-        self.session = runner.session
+    device="cuda" (ONNX Runtime's CUDA provider) keeps the cache on the GPU, as torch CUDA
+    tensors (TorchStaticCache) whose addresses are bound with device type "cuda": still one
+    buffer per layer updated in place, and only the token inputs and the last-token logits
+    cross PCIe. Unverified here (no GPU); the CPU path is the one tested."""
+
+    def __init__(self, runner, capacity: int, max_batch: int, device: str = "cpu") -> None:
+        self.session = runner.session                 # runner: OrtRunner
         self.spec = runner.spec
         self.kv_dtype = runner.kv_dtype
         self.capacity, self.max_batch = capacity, max_batch
+        self.device = device
         # GroupQueryAttention (the fast path) takes a multi-token step over a filled cache
         # only one row at a time (mixbuild/runtime/ort_attention.py)
         self.one_row_chunks = bool(getattr(runner, "fast_attention", 0))
 
     def new_cache(self, capacity: int | None = None, max_batch: int | None = None) -> StaticCache:
-        return StaticCache(self.spec, capacity or self.capacity, max_batch or self.max_batch,
-                           self.kv_dtype)
+        capacity, max_batch = capacity or self.capacity, max_batch or self.max_batch
+        if self.device == "cpu":
+            return StaticCache(self.spec, capacity, max_batch, self.kv_dtype)
+        from mixbuild.contract import DType
+        from mixbuild.runtime.kv_cache import TorchStaticCache
+
+        dtype = DType.parse(np.dtype(self.kv_dtype).name).torch
+        return TorchStaticCache(self.spec, capacity, max_batch, dtype, self.device)
 
     def _bind_cache(self, cache: StaticCache, rows: slice):
         """The IOBinding with rows `rows` of every cache buffer bound as both the input and the
@@ -181,10 +193,12 @@ class ServingStep(_ServingLayout):
         if cache.bound_batch != (rows.start, rows.stop):
             io = cache.binding
             shape = [rows.stop - rows.start, *cache.shape()[1:]]
+            dtype = np.dtype(self.kv_dtype)
             for (name, updated), buffer in zip(cache.names, cache.buffers):
-                address = buffer[rows.start].ctypes.data
-                io.bind_input(name, "cpu", 0, cache.dtype, shape, address)
-                io.bind_output(updated, "cpu", 0, cache.dtype, shape, address)
+                row = buffer[rows.start]
+                address = row.ctypes.data if isinstance(row, np.ndarray) else row.data_ptr()
+                io.bind_input(name, self.device, 0, dtype, shape, address)
+                io.bind_output(updated, self.device, 0, dtype, shape, address)
             cache.bound_batch = (rows.start, rows.stop)
         return cache.binding
 

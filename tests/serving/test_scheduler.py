@@ -75,9 +75,12 @@ def test_requests_that_join_and_leave_a_running_batch_get_the_tokens_they_get_al
     rows join (including a 30-token and an 80-token prompt, prefilled in chunks of at most 16
     tokens beside the decodes), rows leave, and the last row moves into each freed slot."""
     model = scheduled(serving_dir, max_batch=3, step_tokens=16)
+    model.step.hold.clear()        # the first step waits until three requests are queued
     handles = []
     for i, prompt in enumerate(PROMPTS):
         handles.append(model.submit_ids(prompt, max_new_tokens=6 + 3 * i))
+        if i == 2:
+            model.step.hold.set()
         time.sleep(0.002 * i)
     results = [h.result(timeout=60) for h in handles]
     for i, (prompt, result) in enumerate(zip(PROMPTS, results)):

@@ -176,6 +176,27 @@ def test_the_cache_is_updated_in_place(serving_artifacts, fast):
     assert np.abs(cache.buffers[0][0, :, 6]).sum() > 0 and np.abs(cache.buffers[0][0, :, 7:]).sum() == 0
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["gqa", "standard"])
+def test_a_torch_tensor_cache_is_bound_and_updated_like_a_numpy_one(serving_artifacts, fast):
+    """device="cuda" keeps the cache as torch tensors and binds their addresses; here the same
+    code binds torch CPU tensors (the CUDA provider itself is unverified without a GPU)."""
+    from mixbuild.runtime.kv_cache import TorchStaticCache
+
+    runner = OrtRunner(serving_artifacts["tiny"], threads=1, fast_attention=fast)
+    step = ServingStep(runner, capacity=CAPACITY, max_batch=2)
+    arrays, tensors = step.new_cache(), TorchStaticCache(step.spec, CAPACITY, 2, torch.float32, "cpu")
+    out = {}
+    for name, cache in (("numpy", arrays), ("torch", tensors)):
+        cache.reset(2, CAPACITY)
+        out[name] = [step.run(*ragged([[3, 4, 5], [6]], [0, 0]), cache).copy()]
+        for t in range(3):
+            out[name].append(step.run(*ragged([[7 + t], [8]], list(cache.lengths[:2])), cache).copy())
+    np.testing.assert_array_equal(np.stack(out["numpy"]), np.stack(out["torch"]))
+    for a, t in zip(arrays.buffers, tensors.buffers):
+        np.testing.assert_array_equal(a, t.numpy())
+    assert np.abs(tensors.buffers[0][0, :, 5].numpy()).sum() > 0
+
+
 def test_onnx_reference_evaluator_agrees_with_onnxruntime(serving_artifacts):
     from onnx.reference import ReferenceEvaluator
 
