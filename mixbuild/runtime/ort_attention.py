@@ -28,8 +28,6 @@ call for the batch and one call per prefilling row.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from mixbuild.contract import CACHE_LENGTHS, INPUT_IDS, cache_key
 
 
@@ -125,14 +123,3 @@ def _reachable(nodes: list, outputs: set[str]) -> list:
         needed.add(id(node))
         stack.extend(i for i in node.input if i)
     return [n for n in nodes if id(n) in needed]
-
-
-def fast_session_model(onnx_path: Path, num_heads: int, kv_num_heads: int,
-                       sliding_window: int | None) -> tuple[bytes, int]:
-    """The serialized, rewritten graph of a serving artifact (weights stay in its external data
-    file), and how many attention blocks were replaced."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    count = rewrite_attention(model, num_heads, kv_num_heads, sliding_window)
-    return model.SerializeToString(), count

@@ -18,16 +18,23 @@ class OrtRunner:
 
     def __init__(self, artifact: str | Path | Artifact, providers: list[str] | None = None,
                  threads: int | None = None, spinning: bool | None = None,
-                 fast_attention: bool = True) -> None:
+                 fast_attention: bool = True, fast_quantized: bool = True,
+                 accuracy_level: int = 1) -> None:
         """threads: intra-op threads (None: ONNX Runtime's default, one per physical core).
         spinning: whether idle intra-op threads busy-wait for work (None: ONNX Runtime's
         default, on); off is much faster when other thread pools (torch, a second session,
         other processes) share the cores. fast_attention: on a serving-layout artifact, run
         its attention as ONNX Runtime's GroupQueryAttention (mixbuild/runtime/ort_attention.py:
-        it reads only the valid cache positions); False runs the artifact's graph as it is."""
+        it reads only the valid cache positions); False runs the artifact's graph as it is.
+        fast_quantized: run int4 experts as ONNX Runtime's QMoE, fold fp8 weights to float32
+        at load (mixbuild/runtime/ort_quant.py);
+        accuracy_level: the int4 kernels' (MatMulNBits, QMoE) activation precision: 1 float32
+        (the contract's W4A16, the default), 4 int8 (faster, other numerics). `kernels` records
+        what the session runs instead of the artifact's own bodies."""
         import onnxruntime as ort
 
         self.artifact = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
+        self._fast_quantized = fast_quantized
         self.spec = self.artifact.spec
         providers = providers or ["CPUExecutionProvider"]
         dtype = DType.parse(self.artifact.manifest["dtype"])
@@ -49,16 +56,7 @@ class OrtRunner:
         options.log_severity_level = 3
         if spinning is not None:
             options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
-        model, self.fast_attention = str(self.artifact.onnx_path), 0
-        if fast_attention and self.artifact.manifest.get("layout") == Layout.SERVING.value:
-            from mixbuild.runtime.ort_attention import fast_session_model
-
-            model, self.fast_attention = fast_session_model(
-                self.artifact.onnx_path, self.spec.num_heads, self.spec.num_kv_heads,
-                self.spec.sliding_window)
-            # the rewritten graph is in memory: its external data stays in the artifact
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                             str(self.artifact.path))
+        model, self.kernels = self._session_model(options, fast_attention, accuracy_level)
         try:
             self.session = ort.InferenceSession(model, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -66,6 +64,55 @@ class OrtRunner:
                                 found=str(exc).splitlines()[0][:300]) from exc
         self.kv_dtype = dtype.numpy
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _session_model(self, options, fast_attention: bool, accuracy_level: int):
+        """The model ONNX Runtime loads: the artifact's file, or a rewritten in-memory copy
+        (its external data stays in the artifact; new initializers go in as OrtValues)."""
+        manifest = self.artifact.manifest
+        serving = manifest.get("layout") == Layout.SERVING.value
+        precision = manifest.get("precision", "")
+        kernels = {"attention": "artifact", "experts": "artifact"}
+        self.fast_attention = 0
+        if precision in ("int4", "fp8"):
+            from mixbuild.runtime.ort_quant import session_entries
+
+            for key, value in session_entries(precision, accuracy_level, self._fast_quantized).items():
+                options.add_session_config_entry(key, value)
+            if precision == "int4":
+                kernels["int4_linears"] = f"MatMulNBits (accuracy_level {accuracy_level})"
+            elif self._fast_quantized:
+                kernels["experts"] = kernels["fp8_linears"] = "float32 weights folded at load"
+        quantized = self._fast_quantized and precision == "int4"
+        if not (fast_attention and serving) and not quantized:
+            return str(self.artifact.onnx_path), kernels
+        import onnx
+
+        model = onnx.load(str(self.artifact.onnx_path), load_external_data=False)
+        if fast_attention and serving:
+            from mixbuild.runtime.ort_attention import rewrite_attention
+
+            self.fast_attention = rewrite_attention(model, self.spec.num_heads, self.spec.num_kv_heads,
+                                                    self.spec.sliding_window)
+            kernels["attention"] = f"GroupQueryAttention x{self.fast_attention}"
+        if quantized:
+            from mixbuild.runtime.ort_quant import rewrite_int4_experts
+
+            done = rewrite_int4_experts(model, self.artifact.path,
+                                        DType.parse(manifest["dtype"]).numpy, accuracy_level)
+            if done.experts:
+                import onnxruntime as ort
+
+                self._initializers = {k: ort.OrtValue.ortvalue_from_numpy(v)
+                                      for k, v in done.initializers.items()}
+                self._arrays = done.initializers       # the OrtValues borrow these buffers
+                options.add_external_initializers(list(self._initializers),
+                                                  list(self._initializers.values()))
+                kernels["experts"] = f"QMoE int4 x{done.experts} (accuracy_level {accuracy_level})"
+            kernels["notes"] = done.notes
+        # the rewritten graph is in memory: its external data stays in the artifact
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(self.artifact.path))
+        return model.SerializeToString(), kernels
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         fixed = {k: (v.astype(self.kv_dtype, copy=False) if is_kv_input(k) else v)

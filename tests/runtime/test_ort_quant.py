@@ -1,0 +1,127 @@
+"""Quantized artifacts on ONNX Runtime's fast kernels (mixbuild/runtime/ort_quant.py): the
+session runs QMoE (int4 experts), MatMulNBits at an explicit accuracy level (int4 linears) and
+load-time-folded weights (fp8), computes what the artifact's own bodies compute, and never
+changes the artifact's files."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+
+from mixbuild.contract import LOGITS
+from mixbuild.exporter.export import export_checkpoint
+from mixbuild.runtime.ort_runner import OrtRunner
+from mixbuild.runtime.runner import left_pad, prefill_feeds
+
+PROMPTS = [[1, 755, 912, 300, 41, 7, 9], [1, 40, 41], [1, 1000, 1001, 1002, 1003, 17]]
+
+
+@pytest.fixture(scope="module")
+def quantized(fixture_dir, tmp_path_factory):
+    from mixbuild.quant.config import QuantConfig
+
+    root = tmp_path_factory.mktemp("quantized")
+    out = {}
+    for precision in ("int4", "fp8"):
+        quant = QuantConfig.parse(precision, calib_tokens=64, calib_seq_len=32, gptq=False)
+        out[precision] = export_checkpoint(fixture_dir, root / precision, quant=quant, progress=False)
+    return out
+
+
+def optimized(runner_kwargs: dict, artifact, tmp_path) -> tuple[OrtRunner, onnx.ModelProto]:
+    """The runner, and the graph ONNX Runtime actually runs (its optimized model)."""
+    import onnxruntime as ort
+
+    target = tmp_path / "optimized.onnx"
+    original = ort.SessionOptions
+
+    class Dumping(original):
+        def __init__(self):
+            super().__init__()
+            self.optimized_model_filepath = str(target)
+    ort.SessionOptions = Dumping
+    try:
+        runner = OrtRunner(artifact, threads=1, **runner_kwargs)
+    finally:
+        ort.SessionOptions = original
+    return runner, onnx.load(str(target), load_external_data=False)
+
+
+def prefill_logits(runner: OrtRunner) -> np.ndarray:
+    ids, mask = left_pad(PROMPTS, 0)
+    return runner.infer(prefill_feeds(runner.spec, ids, mask))[LOGITS]
+
+
+def digest(directory) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("precision", ["int4", "fp8"])
+def test_the_fast_kernels_compute_what_the_artifact_bodies_do(quantized, precision, tmp_path):
+    artifact = quantized[precision]
+    before = digest(artifact)
+    fast, graph = optimized({}, artifact, tmp_path)
+    body = OrtRunner(artifact, threads=1, fast_quantized=False)
+    got, want = prefill_logits(fast), prefill_logits(body)
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()   # measured: ~6e-7 relative
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    ops = {n.op_type for n in graph.graph.node}
+    assert "DequantizeLinear" not in {n.op_type for n in graph.graph.node
+                                      if any(i in {t.name for t in graph.graph.initializer}
+                                             for i in n.input[:1])}, "a weight is dequantized per call"
+    if precision == "int4":
+        assert {"QMoE", "MatMulNBits"} <= ops and "MoEExperts" not in ops
+        levels = {onnx.helper.get_attribute_value(a) for n in graph.graph.node
+                  if n.op_type in ("QMoE", "MatMulNBits") for a in n.attribute
+                  if a.name == "accuracy_level"}
+        assert levels == {1}, "the int4 kernels must run float32 activations (W4A16) by default"
+        assert fast.kernels["experts"] == "QMoE int4 x3 (accuracy_level 1)"
+    else:
+        assert fast.kernels["experts"] == "float32 weights folded at load"
+        assert "QuantizeLinear" in ops            # the activations are still quantized (W8A8)
+    assert digest(artifact) == before, "the artifact's files changed"
+
+
+def test_int8_activations_are_an_explicit_choice(quantized, tmp_path):
+    fast, graph = optimized({"accuracy_level": 4}, quantized["int4"], tmp_path)
+    levels = {onnx.helper.get_attribute_value(a) for n in graph.graph.node
+              if n.op_type in ("QMoE", "MatMulNBits") for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4} and "accuracy_level 4" in fast.kernels["experts"]
+
+
+def test_generation_on_the_fast_kernels_matches_the_bodies(quantized):
+    import mixbuild.runtime as rt
+    from mixbuild.runtime.api import Model
+    from mixbuild.runtime.steps import FeedStep
+
+    model = rt.load(quantized["int4"], threads=1)
+    body = OrtRunner(quantized["int4"], threads=1, fast_quantized=False)
+    reference = Model(FeedStep(body), body.spec, model.tokenizer, model.defaults, model.options)
+    prompts = ["def fibonacci(n):\n", "import os"]
+    got = model.generate(prompts, max_new_tokens=24)
+    want = reference.generate(prompts, max_new_tokens=24)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+
+def test_the_serving_layout_combines_both_rewrites(fixture_dir, tmp_path):
+    from mixbuild.quant.config import QuantConfig
+    from mixbuild.runtime.steps import ServingStep
+
+    quant = QuantConfig.parse("int4", calib_tokens=64, calib_seq_len=32, gptq=False)
+    artifact = export_checkpoint(fixture_dir, tmp_path / "s", quant=quant, layout="serving",
+                                 progress=False)
+    fast = OrtRunner(artifact, threads=1)
+    plain = OrtRunner(artifact, threads=1, fast_attention=False, fast_quantized=False)
+    assert fast.kernels["attention"] == "GroupQueryAttention x3" and "QMoE" in fast.kernels["experts"]
+    logits = []
+    for runner in (fast, plain):
+        step = ServingStep(runner, capacity=16, max_batch=1)
+        cache = step.new_cache()
+        cache.reset(1, 16)
+        prompt = PROMPTS[0]
+        logits.append(step.run(np.array([prompt]), np.arange(len(prompt))[None],
+                               np.array([len(prompt)]), cache))
+    assert np.abs(logits[0] - logits[1]).max() < 1e-4 * np.abs(logits[1]).max()
