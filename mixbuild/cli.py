@@ -210,14 +210,25 @@ def export(checkpoint: str, out: str, dtype: str, precision: str, calib: str | N
 @click.option("--tolerance", "tolerances", multiple=True, metavar="NAME=VALUE",
               help="Override a tolerance, e.g. --tolerance top1_agreement=0.95 (repeatable).")
 @click.option("--no-plot", is_flag=True, help="Skip report.png.")
+@click.option("--backend", type=click.Choice(["auto", "ort", "torch", "trt"]), default="auto",
+              show_default=True, help="What runs ARTIFACT: ort (an artifact), torch (a checkpoint: "
+                                      "mixbuild's reference model), trt (an engine); auto picks "
+                                      "from the directory.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: the torch backend's MoE runs the Triton kernels; ort uses its CUDA "
+                   "provider; trt needs it.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="torch backend only: the dtype the checkpoint runs in, and so the tolerances "
+                   "that apply. Default fp32.")
 @click.option("--overwrite", is_flag=True,
               help="Replace the -o directory if it holds an earlier mixbuild validation report "
                    "(the default ARTIFACT/validation is always replaced).")
 @handles_errors
 def validate(artifact: str, reference: str, out: str | None, prompts: str | None, max_tokens: int,
              max_sequences: int, steps: int, tolerances: tuple[str, ...], no_plot: bool,
-             overwrite: bool) -> None:
-    """Validate an artifact against transformers on its checkpoint.
+             backend: str, device: str, dtype: str | None, overwrite: bool) -> None:
+    """Validate an artifact (or a checkpoint or engine, see --backend) against transformers on
+    its checkpoint.
 
     Exit 0 when every check passes, 1 when any fails, 2 on a usage or input error.
     """
@@ -231,7 +242,8 @@ def validate(artifact: str, reference: str, out: str | None, prompts: str | None
     report, report_dir = validate_artifact(
         artifact, reference, out or Path(artifact) / "validation", prompts=prompts,
         max_tokens=max_tokens, steps=steps, max_sequences=max_sequences, overrides=overrides,
-        plot=not no_plot, overwrite=overwrite or out is None)
+        plot=not no_plot, overwrite=overwrite or out is None, backend=backend, device=device,
+        dtype=dtype)
     print_summary(report)
     click.echo(f"report: {report_dir}")
     sys.exit(0 if report.passed else 1)
