@@ -326,5 +326,11 @@ def demo(out: str) -> None:
     sys.exit(run_demo(out))
 
 
+from mixbuild.serve.cli import serve  # noqa: E402 - light: click only; the server loads on use
+
+serve.callback = handles_errors(serve.callback)
+main.add_command(serve)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

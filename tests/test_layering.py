@@ -26,6 +26,7 @@ LAYERS = [
     {"runtime"},
     {"validate"},
     {"inspect", "demo"},
+    {"serve"},
     {"cli", "__main__"},
 ]
 

@@ -1,0 +1,186 @@
+"""`mixbuild serve MODEL_DIR`: load a model, bind, and run the OpenAI-compatible app on uvicorn.
+
+Importing this module is light (click only): the CLI registers the command at import time,
+and starlette, uvicorn and the runtime load when the command runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from pathlib import Path
+
+import click
+
+DEFAULT_DRAIN_TIMEOUT = 30.0
+
+
+@click.command()
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; set --api-key then).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="TCP port; 0 picks a free one (printed at start).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="KV-cache slots: requests decoded together in one batch.")
+@click.option("--max-context", type=click.IntRange(min=2), default=None,
+              help="Cache positions per slot, prompt + completion [default: the model's context, "
+                   "at most 4096].")
+@click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Requests that may wait for a slot; past that the server answers 429.")
+@click.option("--step-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Tokens one scheduler iteration feeds at most (decodes first, then chunks "
+                   "of prompts).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads of ONNX Runtime / torch [default: all cores].")
+@click.option("--backend", type=click.Choice(["auto", "ort", "torch"]), default="auto",
+              show_default=True,
+              help="ort: a serving-layout artifact; torch: a checkpoint (serving layout).")
+@click.option("--api-key", envvar="MIXBUILD_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1/* [env: MIXBUILD_API_KEY].")
+@click.option("--model-name", default=None,
+              help="The model id clients pass [default: the directory's name].")
+@click.option("--no-batching", is_flag=True,
+              help="One thread per request through the per-call runtime (the baseline that "
+                   "continuous batching is measured against); no logprobs.")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=DEFAULT_DRAIN_TIMEOUT,
+              show_default=True,
+              help="Seconds Ctrl-C / SIGTERM waits for running requests before cancelling them.")
+@click.option("--access-log/--no-access-log", default=True, show_default=True,
+              help="Log one line per HTTP request.")
+def serve(model_dir: str, host: str, port: int, max_batch: int, max_context: int | None,
+          max_queue: int, step_tokens: int, threads: int | None, backend: str,
+          api_key: str | None, model_name: str | None, no_batching: bool, drain_timeout: float,
+          access_log: bool) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions
+    (SSE streaming with "stream": true), /v1/models, /health, /metrics (Prometheus).
+
+    MODEL_DIR is a serving-layout artifact (`mixbuild export CKPT -o DIR --layout serving`) or
+    a Hugging Face checkpoint (run by the torch backend). Requests share the KV-cache slots of
+    one continuous-batching scheduler."""
+    from mixbuild.errors import require
+
+    require("starlette", "serve", "mixbuild serve")
+    uvicorn = require("uvicorn", "serve", "mixbuild serve")
+    from mixbuild.serve.app import create_app
+
+    model = open_model(model_dir, backend=backend, no_batching=no_batching, max_batch=max_batch,
+                       max_context=max_context, max_queue=max_queue, step_tokens=step_tokens,
+                       threads=threads)
+    name = model_name or Path(model_dir).resolve().name
+    app = create_app(model, model_name=name, api_key=api_key, drain_timeout=drain_timeout)
+    sock = _bind(host, port)
+    _banner(model, name, model_dir, sock.getsockname()[1], host, api_key, no_batching)
+    config = uvicorn.Config(app, log_level="info", access_log=access_log, lifespan="on",
+                            timeout_graceful_shutdown=drain_timeout)
+    with _exit_cleanly_on_signals():
+        uvicorn.Server(config).run(sockets=[sock])
+    click.echo("mixbuild serve: stopped")
+
+
+def open_model(model_dir: str, *, backend: str = "auto", no_batching: bool = False,
+               max_batch: int = 8, max_context: int | None = None, max_queue: int = 256,
+               step_tokens: int = 256, threads: int | None = None):
+    """The Model the server runs: a serving-layout artifact (ort) or a checkpoint (torch, in
+    the serving layout) behind the continuous-batching scheduler; with no_batching, any
+    artifact or checkpoint through the per-call runtime (batches of one)."""
+    from mixbuild.contract import Backend
+    from mixbuild.errors import UsageError
+    from mixbuild.runtime.api import detect_backend, load
+
+    path = Path(model_dir)
+    found = detect_backend(path)
+    if found is Backend.TRT:
+        raise UsageError(f"{path} is a TensorRT engine directory, which mixbuild serve does not "
+                         "run yet", expected="a serving-layout ONNX artifact or a checkpoint",
+                         hint="serve the artifact the engine was built from")
+    chosen = found if backend == "auto" else Backend(backend)
+    if chosen is Backend.ORT and found is Backend.ORT and not no_batching:
+        layout = _artifact_layout(path)
+        if layout != "serving":
+            raise _no_batching_error(path, layout)
+    model = load(path, backend=chosen.value, layout="serving" if chosen is Backend.TORCH else None,
+                 max_batch=1 if no_batching else max_batch, max_context=max_context,
+                 threads=threads, step_tokens=step_tokens, max_queue=max_queue,
+                 continuous_batching=not no_batching)
+    if not no_batching and not model.continuous_batching:
+        raise _no_batching_error(path, "concat")
+    return model
+
+
+def _artifact_layout(path: Path) -> str:
+    """The manifest's KV-cache layout, read before the (possibly large) model is loaded; the
+    runtime checks the manifest in full when it loads."""
+    from mixbuild.contract import MANIFEST_FILE
+    from mixbuild.errors import ArtifactError
+    from mixbuild.jsonfile import read_json_object
+
+    manifest = read_json_object(path / MANIFEST_FILE, ArtifactError, "artifact manifest")
+    layout = manifest.get("layout", "concat")
+    return layout if isinstance(layout, str) else "concat"
+
+
+def _no_batching_error(path: Path, layout: str):
+    from mixbuild.errors import UsageError
+
+    return UsageError(f"{path} has the {layout} KV-cache layout, which has no continuous batching",
+                      expected="a serving-layout artifact", found=f"layout '{layout}'",
+                      hint="re-export it with `mixbuild export CHECKPOINT -o DIR --layout serving`, "
+                           "or serve it one request per thread with --no-batching")
+
+
+def _bind(host: str, port: int):
+    """The listening socket, bound here so that a taken port is a clear error and --port 0 can
+    report the port it got."""
+    import socket
+
+    from mixbuild.errors import UsageError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {error.strerror or error}",
+                         hint="pick another --port (0 picks a free one), or stop what uses it") from error
+    return sock
+
+
+def _banner(model, name: str, model_dir: str, port: int, host: str, api_key: str | None,
+            no_batching: bool) -> None:
+    layout = "serving" if hasattr(model.step, "run") else "concat"
+    click.echo(f"mixbuild serve: model '{name}' from {model_dir} ({model.backend} backend, "
+               f"{layout} layout, context {model.context_limit} tokens)")
+    options = model.options
+    if no_batching:
+        click.echo(f"  one thread per request (--no-batching), at most {options.max_queue} at once")
+    else:
+        click.echo(f"  continuous batching: {options.max_batch} slots, prefill chunks of "
+                   f"{options.step_tokens} tokens, queue of {options.max_queue}")
+    shown = f"[{host}]" if ":" in host else host
+    auth = "API key required" if api_key else "no API key"
+    click.echo(f"  OpenAI API at http://{shown}:{port}/v1 ({auth}); /health, /metrics")
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"  warning: listening on {host} without --api-key: anyone who reaches it can "
+                   "use the model", err=True)
+    click.echo("  Ctrl-C or SIGTERM: finish the running requests, then stop")
+
+
+def _ignore(signum, frame) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def _exit_cleanly_on_signals():
+    """uvicorn handles Ctrl-C / SIGTERM itself (graceful shutdown: the running requests finish,
+    then the app's lifespan closes the model) and afterwards re-raises the signal to the handler
+    that was there before it. That handler is a no-op here, so a drained server exits 0 rather
+    than being killed by the default SIGTERM handler; the previous handlers return after."""
+    previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
