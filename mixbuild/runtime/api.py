@@ -260,6 +260,7 @@ class Model:
         self.caches = _CachePool(step.new_cache)
         self._scheduler = None
         self._scheduler_lock = threading.Lock()
+        self._closed = False
 
     @classmethod
     def from_runner(cls, runner, tokenizer: Tokenizer | None = None,
@@ -292,6 +293,12 @@ class Model:
         if not self.continuous_batching:
             return None
         with self._scheduler_lock:
+            if self._closed:
+                from mixbuild.runtime.scheduler import Overloaded
+
+                raise Overloaded("the model is closed and takes no new requests",
+                                 reason=Overloaded.SHUTTING_DOWN,
+                                 hint="load the model again to generate")
             if self._scheduler is None:
                 from mixbuild.runtime.scheduler import Scheduler
 
@@ -304,9 +311,11 @@ class Model:
             return self._scheduler
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop the scheduler (finishing what runs, with drain); a no-op without one."""
+        """Stop the scheduler (finishing what runs, with drain); later calls are refused
+        (`Overloaded`). A no-op for a model without a scheduler."""
         with self._scheduler_lock:
             scheduler, self._scheduler = self._scheduler, None
+            self._closed = self.continuous_batching
         if scheduler is not None:
             scheduler.close(drain=drain, timeout=timeout)
 

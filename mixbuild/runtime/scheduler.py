@@ -42,7 +42,15 @@ DEFAULT_MAX_QUEUE = 256
 
 
 class Overloaded(MixbuildError):
-    """The scheduler's queue is full (or it is shutting down): try again later."""
+    """The scheduler takes no more requests now: `reason` is QUEUE_FULL (try again later) or
+    SHUTTING_DOWN (it is closing)."""
+
+    QUEUE_FULL = "queue_full"
+    SHUTTING_DOWN = "shutting_down"
+
+    def __init__(self, what: str, *, reason: str = QUEUE_FULL, **rest) -> None:
+        super().__init__(what, **rest)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -109,10 +117,14 @@ class Handle:
         return self.outcome
 
     def _emit(self, event: Event) -> None:
+        """Deliver `event` (on the scheduler's thread). A consumer whose callback raises is
+        cancelled; the loop goes on for everyone else."""
         if event.last:
             self.outcome = event.result if event.error is None else event.error
         try:
             self._deliver(event)
+        except Exception:                 # the consumer's failure, not the model's
+            self.cancel()
         finally:
             if event.last:
                 self.done.set()
@@ -174,14 +186,18 @@ class Scheduler:
             while True:
                 if self._closing:
                     raise Overloaded("the server is shutting down and takes no new requests",
+                                     reason=Overloaded.SHUTTING_DOWN,
                                      hint="retry against a running server")
-                if len(self._waiting) < self.max_queue:
+                # a free slot takes a request at the next iteration: it does not count as queued
+                free = self.max_batch - len(self._slots)
+                if len(self._waiting) < self.max_queue + free:
                     break
                 if not block:
                     with self.metrics.lock:
                         self.metrics.refused += 1
                     raise Overloaded("the request queue is full",
-                                     expected=f"at most {self.max_queue} waiting requests",
+                                     expected=f"at most {self.max_queue} waiting requests "
+                                              "beyond the free slots",
                                      found=f"{len(self._waiting)} waiting, "
                                            f"{len(self._slots)} of {self.max_batch} slots running",
                                      hint="retry later, or start the server with a larger "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ class FakeContext:
 
     def __init__(self, owner) -> None:
         self.owner, self.shapes, self.addresses = owner, {}, {}
+        self.calls, self.pause_at, self.resume = 0, None, threading.Event()
 
     def set_input_shape(self, name, shape):
         self.shapes[name] = tuple(shape)
@@ -32,6 +34,9 @@ class FakeContext:
         self.addresses[name] = address
 
     def execute_async_v3(self, stream):
+        self.calls += 1
+        if self.calls == self.pause_at:
+            self.resume.wait(10)
         feeds = self.owner.bound
         ids, lengths, counts = feeds[INPUT_IDS], feeds[CACHE_LENGTHS], feeds[INPUT_LENGTHS]
         for tensor in self.owner.cache.buffers:
@@ -121,13 +126,14 @@ def test_the_scheduler_keeps_steps_within_a_fixed_capacity(step):
 
     def request(prompt, n):
         return Request(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True), n, vocab, (), None, 0.0)
+    runner.context.pause_at = 11             # after the 11th step the first row holds 13 positions
     first = scheduler.submit(request([1, 2, 3], 12))
-    events = first.events()
-    for _ in range(10):
-        next(events)                                   # the first row now holds 12 positions
+    while runner.context.calls < 11:
+        time.sleep(0.001)
     second = scheduler.submit(request(list(range(10, 18)), 2))
+    runner.context.resume.set()
     out = [first.result(10).token_ids, second.result(10).token_ids]
     scheduler.close()
     assert out[0] == list(range(4, 16)) and out[1] == [18, 19]
     widths = [c[INPUT_IDS][1] for c in runner.selected]
-    assert 1 < max(widths[10:]) < 8, "the 8-token prompt was not narrowed to the room left"
+    assert widths[11] == 3, "the 8-token prompt was not narrowed to the room left (16 - 13)"

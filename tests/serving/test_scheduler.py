@@ -243,3 +243,43 @@ def test_the_scheduler_refuses_bad_settings(serving_dir):
         concat.submit_ids([1, 2, 3])
     with pytest.raises(UsageError, match="invalid logprobs"):
         model.submit_ids([1, 2, 3], logprobs=-1)
+
+
+def test_free_slots_take_a_burst_before_the_queue_counts(serving_dir):
+    """max_batch 2, max_queue 1: a burst of 3 fits (2 slots about to be filled + 1 queued),
+    the 4th is refused, even before the loop has admitted anyone."""
+    model = scheduled(serving_dir, max_batch=2, max_queue=1)
+    model.step.hold.clear()
+    scheduler = model.scheduler
+    with scheduler._cond:            # the loop cannot admit while the burst arrives
+        handles = [scheduler.submit(model._requests([p], None, {"max_new_tokens": 3})[0])
+                   for p in PROMPTS[:3]]
+        with pytest.raises(Overloaded) as refused:
+            scheduler.submit(model._requests([PROMPTS[3]], None, {"max_new_tokens": 3})[0])
+    assert refused.value.reason == Overloaded.QUEUE_FULL
+    model.step.hold.set()
+    assert all(len(h.result(timeout=30).token_ids) == 3 for h in handles)
+    model.close()
+
+
+def test_a_raising_consumer_is_cancelled_and_the_loop_goes_on(serving_dir, alone):
+    model = scheduled(serving_dir, max_batch=2)
+
+    def broken(event):
+        raise RuntimeError("consumer bug")
+    bad = model.submit_ids(PROMPTS[0], max_new_tokens=40, ignore_eos=True, on_event=broken)
+    good = model.submit_ids(PROMPTS[2], max_new_tokens=6)
+    assert good.result(timeout=30).token_ids == alone(PROMPTS[2], max_new_tokens=6)
+    assert bad.result(timeout=30).finish_reason is FinishReason.CANCELLED
+    model.close()
+
+
+def test_a_closed_model_refuses_new_requests(serving_dir):
+    model = scheduled(serving_dir, max_batch=1)
+    assert len(model.generate_ids([PROMPTS[2]], max_new_tokens=2)[0].token_ids) == 2
+    model.close()
+    with pytest.raises(Overloaded, match="the model is closed") as refused:
+        model.submit_ids(PROMPTS[2], max_new_tokens=2)
+    assert refused.value.reason == Overloaded.SHUTTING_DOWN
+    with pytest.raises(Overloaded, match="the model is closed"):
+        model.generate_ids([PROMPTS[2]], max_new_tokens=2)
