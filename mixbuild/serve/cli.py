@@ -33,9 +33,12 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
                    "of prompts).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Intra-op threads of ONNX Runtime / torch [default: all cores].")
-@click.option("--backend", type=click.Choice(["auto", "ort", "torch"]), default="auto",
+@click.option("--backend", type=click.Choice(["auto", "ort", "torch", "trt"]), default="auto",
               show_default=True,
-              help="ort: a serving-layout artifact; torch: a checkpoint (serving layout).")
+              help="ort: a serving-layout artifact; torch: a checkpoint (serving layout); trt: "
+                   "an engine built from a serving-layout artifact (CUDA; unverified).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Where the model runs [default: cpu; cuda for trt].")
 @click.option("--api-key", envvar="MIXBUILD_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on /v1/* [env: MIXBUILD_API_KEY].")
 @click.option("--model-name", default=None,
@@ -49,7 +52,7 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
 @click.option("--access-log/--no-access-log", default=True, show_default=True,
               help="Log one line per HTTP request.")
 def serve(model_dir: str, host: str, port: int, max_batch: int, max_context: int | None,
-          max_queue: int, step_tokens: int, threads: int | None, backend: str,
+          max_queue: int, step_tokens: int, threads: int | None, backend: str, device: str | None,
           api_key: str | None, model_name: str | None, no_batching: bool, drain_timeout: float,
           access_log: bool) -> None:
     """Serve a model over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions
@@ -66,7 +69,7 @@ def serve(model_dir: str, host: str, port: int, max_batch: int, max_context: int
 
     model = open_model(model_dir, backend=backend, no_batching=no_batching, max_batch=max_batch,
                        max_context=max_context, max_queue=max_queue, step_tokens=step_tokens,
-                       threads=threads)
+                       threads=threads, device=device)
     name = model_name or Path(model_dir).resolve().name
     app = create_app(model, model_name=name, api_key=api_key, drain_timeout=drain_timeout)
     sock = _bind(host, port)
@@ -80,26 +83,24 @@ def serve(model_dir: str, host: str, port: int, max_batch: int, max_context: int
 
 def open_model(model_dir: str, *, backend: str = "auto", no_batching: bool = False,
                max_batch: int = 8, max_context: int | None = None, max_queue: int = 256,
-               step_tokens: int = 256, threads: int | None = None):
-    """The Model the server runs: a serving-layout artifact (ort) or a checkpoint (torch, in
-    the serving layout) behind the continuous-batching scheduler; with no_batching, any
-    artifact or checkpoint through the per-call runtime (batches of one)."""
+               step_tokens: int = 256, threads: int | None = None, device: str | None = None):
+    """The Model the server runs: a serving-layout artifact (ort), a checkpoint (torch, in
+    the serving layout) or an engine built from a serving-layout artifact (trt, CUDA) behind
+    the continuous-batching scheduler; with no_batching, any artifact, checkpoint or engine
+    through the per-call runtime (batches of one)."""
     from mixbuild.contract import Backend
-    from mixbuild.errors import UsageError
     from mixbuild.runtime.api import detect_backend, load
 
     path = Path(model_dir)
     found = detect_backend(path)
-    if found is Backend.TRT:
-        raise UsageError(f"{path} is a TensorRT engine directory, which mixbuild serve does not "
-                         "run yet", expected="a serving-layout ONNX artifact or a checkpoint",
-                         hint="serve the artifact the engine was built from")
     chosen = found if backend == "auto" else Backend(backend)
+    device = device or ("cuda" if chosen is Backend.TRT else "cpu")
     if chosen is Backend.ORT and found is Backend.ORT and not no_batching:
         layout = _artifact_layout(path)
         if layout != "serving":
             raise _no_batching_error(path, layout)
-    model = load(path, backend=chosen.value, layout="serving" if chosen is Backend.TORCH else None,
+    model = load(path, backend=chosen.value, device=device,
+                 layout="serving" if chosen is Backend.TORCH else None,
                  max_batch=1 if no_batching else max_batch, max_context=max_context,
                  threads=threads, step_tokens=step_tokens, max_queue=max_queue,
                  continuous_batching=not no_batching)

@@ -185,3 +185,22 @@ def test_a_missing_extra_names_it(serving_artifact):
     assert proc.returncode == 2, proc.stderr
     assert "needs the Python package 'uvicorn'" in proc.stderr
     assert "pip install 'mixbuild[serve]'" in proc.stderr
+
+
+def test_an_engine_directory_goes_to_the_trt_backend(tmp_path, monkeypatch):
+    """An engine directory is served by the trt backend on CUDA (TrtServingStep); here, with no
+    TensorRT and no GPU, what stops it is the runtime's own clear refusal (exit 2)."""
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    (engine / "engine.plan").write_bytes(b"not a plan")
+    (engine / "engine.json").write_text("{}")
+    seen = {}
+
+    def load(path, **options):
+        seen.update(options)
+        from mixbuild.errors import UsageError
+        raise UsageError("the trt backend needs a CUDA GPU, and torch sees none")
+    monkeypatch.setattr("mixbuild.runtime.api.load", load)
+    result = CliRunner().invoke(main, ["serve", str(engine)])
+    assert result.exit_code == 2 and "needs a CUDA GPU" in result.output, result.output
+    assert seen["backend"] == "trt" and seen["device"] == "cuda"
