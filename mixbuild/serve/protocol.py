@@ -14,6 +14,7 @@ messages the server passes on.
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -334,10 +335,17 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_response(rid: str, created: int, model: str, choices: list[dict],
-                        used: dict[str, int]) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": used}
+def envelope(kind: str, rid: str, created: int, model: str, choices: list[dict],
+             used: dict[str, int] | None = None) -> dict[str, Any]:
+    """A response or stream chunk: `kind` is OpenAI's `object` ("text_completion",
+    "chat.completion", "chat.completion.chunk")."""
+    return {"id": rid, "object": kind, "created": created, "model": model, "choices": choices,
+            "usage": used}
+
+
+completion_response = completion_chunk = functools.partial(envelope, "text_completion")
+chat_response = functools.partial(envelope, "chat.completion")
+chat_chunk = functools.partial(envelope, "chat.completion.chunk")
 
 
 def completion_choice(index: int, text: str, logprobs: dict | None,
@@ -345,28 +353,10 @@ def completion_choice(index: int, text: str, logprobs: dict | None,
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def completion_chunk(rid: str, created: int, model: str, choices: list[dict],
-                     used: dict[str, int] | None = None) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": used}
-
-
-def chat_response(rid: str, created: int, model: str, choices: list[dict],
-                  used: dict[str, int]) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": used}
-
-
 def chat_choice(index: int, text: str, logprobs: dict | None,
                 finish_reason: str | None) -> dict[str, Any]:
     return {"index": index, "message": {"role": "assistant", "content": text},
             "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def chat_chunk(rid: str, created: int, model: str, choices: list[dict],
-               used: dict[str, int] | None = None) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": choices, "usage": used}
 
 
 def chat_delta(index: int, delta: dict[str, str], logprobs: dict | None,
