@@ -212,15 +212,16 @@ class ServingStep(_ServingLayout):
         chunks = [r for r in range(batch) if counts[r] > 1]
         if self.one_row_chunks and batch > 1 and chunks and cache.lengths[:batch].any():
             # one decode call for the batch (a prefilling row idles: it writes only scratch at
-            # its first free position, which its own call then overwrites), then one call per
-            # prefilling row
+            # its first free position, which its own call then overwrites), then the prefilling
+            # rows: adjacent rows whose caches are empty (new requests: the scheduler appends
+            # them) in one call, the kernel's prompt mode; a later chunk of a prompt alone
             single = np.where(counts == 1, counts, 0)
             if single.any():
                 self._call(ids[:, :1], positions[:, :1], single, cache, slice(0, batch), logits)
-            for r in chunks:
-                n = int(counts[r])
-                self._call(ids[r:r + 1, :n], positions[r:r + 1, :n], counts[r:r + 1], cache,
-                           slice(r, r + 1), logits[r:r + 1])
+            for rows in _prefill_groups(chunks, cache.lengths):
+                n = int(counts[rows].max())
+                self._call(ids[rows, :n], positions[rows, :n], counts[rows], cache, rows,
+                           logits[rows])
         else:
             self._call(ids, positions, counts, cache, slice(0, batch), logits)
         cache.lengths[:batch] += counts
@@ -234,6 +235,20 @@ class ServingStep(_ServingLayout):
         io.bind_cpu_input(INPUT_LENGTHS, np.ascontiguousarray(counts, np.int64))
         _bind(io.bind_output, LOGITS, logits)
         self.session.run_with_iobinding(io)
+
+
+def _prefill_groups(chunks: list[int], lengths: np.ndarray) -> list[slice]:
+    """The calls for the rows `chunks` (ascending) of a mixed step: runs of adjacent rows with
+    empty caches share one call, any other row has its own."""
+    groups: list[slice] = []
+    for r in chunks:
+        last = groups[-1] if groups else None
+        if (last is not None and last.stop == r and lengths[r] == 0
+                and lengths[last.start] == 0):
+            groups[-1] = slice(last.start, r + 1)
+        else:
+            groups.append(slice(r, r + 1))
+    return groups
 
 
 def right_align(left_padded: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -197,6 +197,34 @@ def test_a_torch_tensor_cache_is_bound_and_updated_like_a_numpy_one(serving_arti
     assert np.abs(tensors.buffers[0][0, :, 5].numpy()).sum() > 0
 
 
+def test_new_rows_prefill_together_beside_running_decodes(fixture_serving):
+    """The fast path's mixed step: two new requests (adjacent rows, empty caches) prefill in
+    one call of the kernel's prompt mode, one row decodes, one prompt continues a chunk; each
+    row's logits equal the standard graph's."""
+    from mixbuild.runtime import steps as S
+
+    out = {}
+    calls = []
+    for fast in (True, False):
+        step = ServingStep(OrtRunner(fixture_serving, threads=1, fast_attention=fast), capacity=64,
+                           max_batch=4)
+        if fast:
+            original = step._call
+            step._call = lambda *a, **k: (calls.append(a[4]), original(*a, **k))[1]
+        cache = step.new_cache()
+        cache.reset(4, 64)
+        step.run(*ragged([[5, 6, 7], [], [], [40, 41, 42, 43]], [0, 0, 0, 0]), cache)
+        calls.clear()
+        rows = [[8], [100, 101, 102, 103, 104], [200, 201, 202], [44, 45]]
+        out[fast] = step.run(*ragged(rows, list(cache.lengths)), cache).copy()
+        assert list(cache.lengths) == [4, 5, 3, 6]
+        if fast:
+            fast_calls = list(calls)
+    np.testing.assert_allclose(out[True], out[False], atol=1e-4)
+    assert fast_calls == [slice(0, 4), slice(1, 3), slice(3, 4)], fast_calls
+    assert S._prefill_groups([1, 2, 3], np.array([4, 0, 0, 4])) == [slice(1, 3), slice(3, 4)]
+
+
 def test_onnx_reference_evaluator_agrees_with_onnxruntime(serving_artifacts):
     from onnx.reference import ReferenceEvaluator
 
