@@ -196,17 +196,26 @@ def export(checkpoint: str, out: str, dtype: str, precision: str, calib: str | N
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(file_okay=False, path_type=str))
+@click.argument("artifacts", nargs=-1, required=True,
+                type=click.Path(file_okay=False, path_type=str))
 @click.option("--reference", required=True, type=click.Path(file_okay=False, path_type=str),
               help="The Hugging Face checkpoint the artifact was exported from (the oracle).")
 @click.option("-o", "--output", "out", type=click.Path(path_type=str),
-              help="Report directory (report.json, report.md, report.png). Default: ARTIFACT/validation.")
+              help="Report directory (report.json, report.md, report.png). Default: "
+                   "ARTIFACT/validation; with several artifacts ./validation (one report per "
+                   "artifact plus one comparison table and plot).")
 @click.option("--prompts", type=click.Path(dir_okay=False, path_type=str),
               help="Evaluation text: plain text (blank-line separated) or JSONL with 'text'/'prompt'.")
 @click.option("--max-tokens", type=int, default=128, show_default=True,
               help="Tokens per evaluation sequence.")
 @click.option("--max-sequences", type=int, default=8, show_default=True)
 @click.option("--steps", type=int, default=16, show_default=True, help="Greedy tokens to generate.")
+@click.option("--long", "long", type=int, metavar="N",
+              help="Evaluate on sequences of N tokens (up to the model's context; the text "
+                   "repeats as needed), --max-sequences of them, compared --chunk tokens at a "
+                   "time through the KV cache so memory stays bounded.")
+@click.option("--chunk", type=int, metavar="TOKENS",
+              help="Tokens per teacher-forced call (default: a whole sequence; 256 with --long).")
 @click.option("--tolerance", "tolerances", multiple=True, metavar="NAME=VALUE",
               help="Override a tolerance, e.g. --tolerance top1_agreement=0.95 (repeatable).")
 @click.option("--no-plot", is_flag=True, help="Skip report.png.")
@@ -222,31 +231,40 @@ def export(checkpoint: str, out: str, dtype: str, precision: str, calib: str | N
                    "that apply. Default fp32.")
 @click.option("--overwrite", is_flag=True,
               help="Replace the -o directory if it holds an earlier mixbuild validation report "
-                   "(the default ARTIFACT/validation is always replaced).")
+                   "(the default report directory is always replaced).")
 @handles_errors
-def validate(artifact: str, reference: str, out: str | None, prompts: str | None, max_tokens: int,
-             max_sequences: int, steps: int, tolerances: tuple[str, ...], no_plot: bool,
-             backend: str, device: str, dtype: str | None, overwrite: bool) -> None:
+def validate(artifacts: tuple[str, ...], reference: str, out: str | None, prompts: str | None,
+             max_tokens: int, max_sequences: int, steps: int, long: int | None,
+             chunk: int | None, tolerances: tuple[str, ...], no_plot: bool, backend: str,
+             device: str, dtype: str | None, overwrite: bool) -> None:
     """Validate an artifact (or a checkpoint or engine, see --backend) against transformers on
-    its checkpoint.
+    its checkpoint; several ARTIFACTS are compared on the same tokens in one table.
 
     Exit 0 when every check passes, 1 when any fails, 2 on a usage or input error.
     """
     from pathlib import Path
 
-    from mixbuild.validate.report import print_summary
-    from mixbuild.validate.run import validate_artifact
+    from mixbuild.validate.report import print_comparison, print_summary
+    from mixbuild.validate.run import validate_artifact, validate_artifacts
     from mixbuild.validate.tolerances import parse_override
 
     overrides = dict(parse_override(t) for t in tolerances)
-    report, report_dir = validate_artifact(
-        artifact, reference, out or Path(artifact) / "validation", prompts=prompts,
-        max_tokens=max_tokens, steps=steps, max_sequences=max_sequences, overrides=overrides,
-        plot=not no_plot, overwrite=overwrite or out is None, backend=backend, device=device,
-        dtype=dtype)
-    print_summary(report)
+    options = dict(prompts=prompts, max_tokens=max_tokens, steps=steps,
+                   max_sequences=max_sequences, overrides=overrides, plot=not no_plot,
+                   overwrite=overwrite or out is None, backend=backend, device=device,
+                   dtype=dtype, long=long, chunk=chunk)
+    if len(artifacts) == 1:
+        report, report_dir = validate_artifact(
+            artifacts[0], reference, out or Path(artifacts[0]) / "validation", **options)
+        print_summary(report)
+        passed = report.passed
+    else:
+        results, report_dir = validate_artifacts(artifacts, reference, out or "validation",
+                                                 **options)
+        print_comparison(results)
+        passed = all(r.passed for _, r in results)
     click.echo(f"report: {report_dir}")
-    sys.exit(0 if report.passed else 1)
+    sys.exit(0 if passed else 1)
 
 
 @main.command()

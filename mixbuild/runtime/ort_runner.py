@@ -19,7 +19,7 @@ class OrtRunner:
     def __init__(self, artifact: str | Path | Artifact, providers: list[str] | None = None,
                  threads: int | None = None, spinning: bool | None = None,
                  fast_attention: bool = True, fast_quantized: bool = True,
-                 accuracy_level: int = 1) -> None:
+                 accuracy_level: int = 1, graph_rewrite=None) -> None:
         """threads: intra-op threads (None: ONNX Runtime's default, one per physical core).
         spinning: whether idle intra-op threads busy-wait for work (None: ONNX Runtime's
         default, on); off is much faster when other thread pools (torch, a second session,
@@ -30,11 +30,15 @@ class OrtRunner:
         at load (mixbuild/runtime/ort_quant.py);
         accuracy_level: the int4 kernels' (MatMulNBits, QMoE) activation precision: 1 float32
         (the contract's W4A16, the default), 4 int8 (faster, other numerics). `kernels` records
-        what the session runs instead of the artifact's own bodies."""
+        what the session runs instead of the artifact's own bodies.
+        graph_rewrite: a callable given the in-memory copy of the graph (an onnx ModelProto
+        without its external data) before the runtime's own rewrites, e.g. to add graph
+        outputs on existing values (the validator's diagnostics); the files are never changed."""
         import onnxruntime as ort
 
         self.artifact = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
         self._fast_quantized = fast_quantized
+        self._graph_rewrite = graph_rewrite
         self.spec = self.artifact.spec
         providers = providers or ["CPUExecutionProvider"]
         dtype = DType.parse(self.artifact.manifest["dtype"])
@@ -83,11 +87,14 @@ class OrtRunner:
             elif self._fast_quantized:
                 kernels["experts"] = kernels["fp8_linears"] = "float32 weights folded at load"
         quantized = self._fast_quantized and precision == "int4"
-        if not (fast_attention and serving) and not quantized:
+        rewrite = self._graph_rewrite
+        if not (fast_attention and serving) and not quantized and rewrite is None:
             return str(self.artifact.onnx_path), kernels
         import onnx
 
         model = onnx.load(str(self.artifact.onnx_path), load_external_data=False)
+        if rewrite is not None:
+            rewrite(model)
         if fast_attention and serving:
             from mixbuild.runtime.ort_attention import rewrite_attention
 

@@ -316,3 +316,23 @@ def evaluation_batches(tokenizer_path: str | Path, prompts: str | Path | None = 
     if not sequences:
         raise UsageError("the evaluation text produced no tokens")
     return make_batches(sequences, batch_size)
+
+
+def long_batches(tokenizer_path: str | Path, prompts: str | Path | None, length: int,
+                 bos_id: int | None = None, sequences: int = 1) -> list[Batch]:
+    """`sequences` batches of one sequence of `length` tokens each, for long-input validation:
+    the evaluation text's tokens run on (and are repeated from the start when the text is
+    shorter than needed, which makes the later part a long-range copying task the model's
+    attention must get right). Each sequence starts with `bos_id` when given."""
+    texts = load_prompts(prompts) if prompts is not None else default_texts()
+    tokenizer = load_tokenizer(tokenizer_path)
+    ids = [i for e in tokenizer.encode_batch(list(texts), add_special_tokens=False) for i in e.ids]
+    if not ids:
+        raise UsageError("the evaluation text produced no tokens")
+    prefix = [bos_id] if bos_id is not None else []
+    width = length - len(prefix)
+    needed = width * sequences
+    stream = (ids * (needed // len(ids) + 1))[:needed]
+    rows = [np.asarray(prefix + stream[i * width:(i + 1) * width], np.int64)
+            for i in range(sequences)]
+    return make_batches(rows, 1)

@@ -52,13 +52,16 @@ def expert_output(x: np.ndarray, w_gate_up: np.ndarray, w_down: np.ndarray) -> n
 
 
 def expert_errors(moe_input: np.ndarray, expert_ids: np.ndarray, reference: LayerWeights,
-                  artifact: LayerWeights) -> tuple[np.ndarray, np.ndarray]:
+                  artifact: LayerWeights, relative: bool = False):
     """Max abs output error per expert over the tokens routed to it.
 
     moe_input [T, H] and expert_ids [T, k] are the reference's; returns (errors [E] float64,
-    NaN for an expert no token chose, tokens [E] int64)."""
+    NaN for an expert no token chose, tokens [E] int64), and with `relative` also the relative
+    error [E]: ||art - ref|| / ||ref|| (Frobenius, over the expert's tokens), which compares
+    experts and models of any scale."""
     num_experts = reference[0].shape[0]
     errors = np.full(num_experts, np.nan)
+    rel = np.full(num_experts, np.nan)
     counts = np.zeros(num_experts, np.int64)
     for expert in range(num_experts):
         rows = np.flatnonzero((expert_ids == expert).any(axis=-1))
@@ -68,8 +71,11 @@ def expert_errors(moe_input: np.ndarray, expert_ids: np.ndarray, reference: Laye
         x = moe_input[rows]
         ref = expert_output(x, reference[0][expert], reference[1][expert])
         art = expert_output(x, artifact[0][expert], artifact[1][expert])
-        errors[expert] = float(np.abs(ref.astype(np.float64) - art).max())
-    return errors, counts
+        diff = ref.astype(np.float64) - art
+        errors[expert] = float(np.abs(diff).max())
+        norm, diff_norm = float(np.linalg.norm(ref)), float(np.linalg.norm(diff))
+        rel[expert] = diff_norm / norm if norm > 0 else (0.0 if diff_norm == 0 else np.inf)
+    return (errors, counts, rel) if relative else (errors, counts)
 
 
 # ----------------------------------------------------------------------------- sources

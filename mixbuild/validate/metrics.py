@@ -167,6 +167,19 @@ def negative_log_likelihood(logits: np.ndarray, targets: np.ndarray,
     return float(-picked.sum()), int(mask.sum())
 
 
+def token_nll(logits: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per-token NLL (float64) of `targets` [B, S] under `logits` [B, S, V] at the positions
+    where `mask` is set, in row-major order: [N]. NaN where the logits are not finite."""
+    mask = mask.astype(bool)
+    if not mask.any():
+        return np.zeros(0)
+    picked_logits = logits[mask]
+    ok = finite_rows(picked_logits)
+    logp = log_softmax(np.where(ok[:, None], picked_logits, 0.0))
+    picked = np.take_along_axis(logp, targets[mask].astype(np.int64)[:, None], axis=-1)[:, 0]
+    return np.where(ok, -picked, np.nan)
+
+
 def perplexity(logits: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> float:
     """exp(mean NLL) of `targets` under `logits` over the masked-in positions (padding masked
     out). A uniform distribution over V tokens has perplexity V. NaN when no position counts."""
@@ -191,6 +204,47 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
     centre = (p + z * z / (2 * trials)) / denom
     half = z * float(np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def clustered_mean_interval(values: np.ndarray, clusters: np.ndarray,
+                            z: float = 1.96) -> tuple[float, float] | None:
+    """A 95% (z = 1.96) interval of the mean of per-position `values` [N], whose positions come
+    in correlated groups (`clusters` [N]: the sequence of each position).
+
+    Positions of one sequence are not independent samples (one hard passage raises the KL of
+    all its tokens), so the standard error is the cluster-robust one: the spread of the
+    clusters' sums around their share of the mean, sqrt(G / (G - 1) * sum_g (S_g - n_g m)^2) / N
+    over G clusters (with one cluster, the plain per-position standard error). NaN anywhere
+    gives a NaN interval; None for no values."""
+    values = np.asarray(values, np.float64)
+    if values.size == 0:
+        return None
+    if not np.isfinite(values).all():
+        return float("nan"), float("nan")
+    mean = float(values.mean())
+    ids, inverse = np.unique(np.asarray(clusters), return_inverse=True)
+    groups = ids.size
+    if groups >= 2:
+        sums = np.bincount(inverse, weights=values, minlength=groups)
+        counts = np.bincount(inverse, minlength=groups)
+        se = float(np.sqrt(groups / (groups - 1) * ((sums - counts * mean) ** 2).sum())) / values.size
+    else:
+        se = float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else 0.0
+    return mean - z * se, mean + z * se
+
+
+def ppl_delta_interval(nll_diff: np.ndarray, clusters: np.ndarray,
+                       z: float = 1.96) -> tuple[float, float] | None:
+    """A 95% interval of the perplexity's relative change, from the per-token NLL differences
+    (artifact minus reference, `nll_diff` [N]) of both models on the same tokens: the ratio of
+    the perplexities is exp(mean difference), so the interval is exp(clustered interval of the
+    mean difference) - 1. Pairing the two models token by token removes the text's own
+    difficulty from the noise, which makes this interval far narrower than either
+    perplexity's."""
+    interval = clustered_mean_interval(nll_diff, clusters, z)
+    if interval is None:
+        return None
+    return float(np.expm1(interval[0])), float(np.expm1(interval[1]))
 
 
 def relative_delta(reference: float, artifact: float) -> float:

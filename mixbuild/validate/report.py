@@ -96,8 +96,43 @@ def _worst_text(report: Report) -> str:
     where = f"layer {w.layer}" + (f", expert {w.expert}" if w.expert is not None else "")
     if w.basis == "hidden_non_finite":
         return f"{where} (the first layer whose hidden-state error is not finite)"
+    if w.basis == "attention_growth":
+        return (f"layer {w.layer}, attention (it added {w.value:.4g} to the relative error of "
+                "the hidden state)")
+    if w.basis == "moe_growth":
+        return (f"{where.replace(f'layer {w.layer}', f'layer {w.layer}, MoE')} (it added "
+                f"{w.value:.4g} to the relative error of the hidden state)")
+    if w.basis == "expert_rel_error":
+        return (f"{where} (its relative output error {w.value:.4g} is over "
+                "3x the median of all experts')")
     basis = "expert output max abs error" if w.basis == "expert_max_abs" else "hidden error growth"
     return f"{where} ({basis} {w.value:.4g})"
+
+
+def _interval(interval) -> str:
+    return "—" if interval is None else f"{fmt(interval[0])} .. {fmt(interval[1])}"
+
+
+def _judged(c) -> str:
+    return fmt(c.value) if c.statistic == "value" else f"{fmt(c.judged)} ({c.statistic})"
+
+
+def inconclusive(report: Report) -> tuple[str, ...]:
+    """Failed checks whose value meets the threshold but whose 95% interval does not: too few
+    positions to tell, not (yet) a measured failure."""
+    bounds = {"<=": lambda v, t: v <= t, ">=": lambda v, t: v >= t, "|x| <=": lambda v, t: abs(v) <= t}
+    return tuple(c.name for c in report.failed_checks
+                 if c.statistic != "value" and c.value is not None
+                 and bounds[c.bound](c.value, c.threshold))
+
+
+def _inconclusive_text(report: Report) -> str | None:
+    names = inconclusive(report)
+    if not names:
+        return None
+    return (f"{', '.join(names)}: the value meets the threshold but its 95% interval does not "
+            f"({report.metrics.positions} positions are too few to tell); evaluate more tokens "
+            "(--max-sequences, --max-tokens, --long)")
 
 
 def render_markdown(report: Report) -> str:
@@ -109,11 +144,17 @@ def render_markdown(report: Report) -> str:
              f"- {m.sequences} sequences, {m.positions} compared positions; {_agreement_text(m)}",
              f"- {_divergence_text(report)}", f"- worst: {_worst_text(report)}"]
     lines += [f"- **non-finite values**: {line}" for line in report.non_finite]
+    if _inconclusive_text(report):
+        lines.append(f"- **inconclusive**: {_inconclusive_text(report)}")
     if report.skipped:
         lines.append(f"- skipped (not measurable with these runners): {', '.join(report.skipped)}")
-    lines += ["", "## Checks", "", "| metric | value | bound | threshold | result |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {c.name} | {fmt(c.value)} | {c.bound.replace('|', chr(92) + '|')} | {fmt(c.threshold)} | "
+    lines += ["", "## Checks", "",
+              "Sampled metrics are judged on the unfavourable end of their 95% interval "
+              "(docs/validation.md).", "",
+              "| metric | value | 95% interval | judged | bound | threshold | result |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {c.name} | {fmt(c.value)} | {_interval(c.interval)} | {_judged(c)} | "
+              f"{c.bound.replace('|', chr(92) + '|')} | {fmt(c.threshold)} | "
               f"{'pass' if c.passed else '**FAIL**'} |" for c in report.checks]
     lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
     for name in ("logits_mean_abs", "kl_max", "top5_agreement", "ppl_reference", "ppl_artifact",
@@ -126,14 +167,21 @@ def _layer_table(report: Report) -> list[str]:
     if not report.layers or all(lr.hidden_max_abs is None and lr.router_flip_rate is None
                                 for lr in report.layers):
         return ["## Layers", "", "No per-layer debug outputs from both runners.", ""]
-    lines = ["## Layers", "", "| layer | hidden max abs | router logits max abs | router flip rate "
-             "| flips | near-tie flips | worst expert |", "|---|---|---|---|---|---|---|"]
+    lines = ["## Layers", "",
+             "Relative errors are ||artifact - reference|| / ||reference|| over the real tokens; "
+             "the MoE input is what the layer's attention (and post-attention norm) produced.", "",
+             "| layer | MoE input rel error | hidden rel error | hidden max abs | "
+             "router logits max abs | router flip rate | flips | near-tie flips | worst expert |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for lr in report.layers:
-        errors = [(e, x) for e, x in enumerate(lr.expert_max_abs) if x is not None]
-        worst = max(errors, key=lambda t: t[1]) if errors else None
-        worst = worst if worst and worst[1] > 0 else None
-        worst_text = f"{worst[0]} ({fmt(worst[1])})" if worst else "—"
-        lines.append(f"| {lr.layer} | {fmt(lr.hidden_max_abs)} | {fmt(lr.router_logits_max_abs)} | "
+        rel = [(x, e) for e, x in enumerate(lr.expert_rel_error) if x is not None]
+        absolute = [(x, e) for e, x in enumerate(lr.expert_max_abs) if x is not None]
+        worst = max(rel or absolute, default=None)
+        worst = worst if worst and worst[0] > 0 else None
+        kind = "rel" if rel else "max abs"
+        worst_text = f"{worst[1]} ({kind} {fmt(worst[0])})" if worst else "—"
+        lines.append(f"| {lr.layer} | {fmt(lr.moe_input_rel_error)} | {fmt(lr.hidden_rel_error)} | "
+                     f"{fmt(lr.hidden_max_abs)} | {fmt(lr.router_logits_max_abs)} | "
                      f"{fmt(lr.router_flip_rate)} | {fmt(lr.router_flips)} | "
                      f"{fmt(lr.near_tie_flips)} | {worst_text} |")
     return lines + [""]
@@ -143,13 +191,20 @@ def _expert_table(report: Report) -> list[str]:
     width = max((len(lr.expert_max_abs) for lr in report.layers), default=0)
     if width == 0:
         return []
-    lines = ["## Per-expert output max abs error", "",
-             "| layer | " + " | ".join(f"e{e}" for e in range(width)) + " |",
-             "|---" * (width + 1) + "|"]
-    for lr in report.layers:
-        cells = [fmt(x) for x in lr.expert_max_abs] + ["—"] * (width - len(lr.expert_max_abs))
-        lines.append(f"| {lr.layer} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    lines = []
+    for title, field in (("Per-expert output max abs error", "expert_max_abs"),
+                         ("Per-expert output relative error", "expert_rel_error"),
+                         ("Tokens routed to each expert (reference)", "expert_tokens")):
+        if not any(getattr(lr, field) for lr in report.layers):
+            continue
+        lines += [f"## {title}", "", "| layer | " + " | ".join(f"e{e}" for e in range(width)) + " |",
+                  "|---" * (width + 1) + "|"]
+        for lr in report.layers:
+            values = getattr(lr, field)
+            cells = [fmt(x) for x in values] + ["—"] * (width - len(values))
+            lines.append(f"| {lr.layer} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 # ----------------------------------------------------------------------------- plot
@@ -251,18 +306,165 @@ def print_summary(report: Report, console=None) -> None:
 
     console = console or Console()
     table = Table(title=f"validate {report.backend} ({report.precision}) vs {report.reference}")
-    for column in ("metric", "value", "threshold", "result"):
+    for column in ("metric", "value", "95% interval", "judged", "threshold", "result"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for c in report.checks:
         result = "[green]pass[/green]" if c.passed else "[bold red]FAIL[/bold red]"
-        table.add_row(c.name, fmt(c.value), f"{c.bound} {fmt(c.threshold)}", result)
+        table.add_row(c.name, fmt(c.value), _interval(c.interval), escape(_judged(c)),
+                      f"{c.bound} {fmt(c.threshold)}", result)
     console.print(table)
     verdict = "[bold green]PASSED[/bold green]" if report.passed else "[bold red]FAILED[/bold red]"
     console.print(f"{verdict}  ppl {fmt(report.metrics.ppl_reference)} -> "
                   f"{fmt(report.metrics.ppl_artifact)}; {_divergence_text(report)}")
     console.print(_agreement_text(report.metrics))
     console.print(f"worst: {_worst_text(report)}")
+    if _inconclusive_text(report):
+        console.print(f"[bold yellow]inconclusive:[/bold yellow] {escape(_inconclusive_text(report))}")
     for line in report.non_finite:
         console.print(f"[bold red]non-finite values:[/bold red] {escape(line)}")
     if report.skipped:
         console.print(f"skipped: {', '.join(report.skipped)}")
+
+
+# ----------------------------------------------------------------------------- several artifacts
+COMPARED = ("kl_mean", "top1_agreement", "ppl_rel_delta", "router_flip_rate",
+            "expert_rel_error", "greedy_match_fraction", "logits_max_abs")
+
+
+def comparison_rows(results) -> list[dict]:
+    """One row per (name, report): verdict, precision, worst location, and per check its value
+    and judged statistic, exactly as in each artifact's own report."""
+    rows = []
+    for name, report in results:
+        checks = {c.name: c for c in report.checks}
+        row = {"artifact": name, "passed": report.passed, "precision": report.precision,
+               "positions": report.metrics.positions, "worst": _worst_text(report)}
+        for metric in COMPARED:
+            c = checks.get(metric)
+            row[metric] = None if c is None else {"value": c.value, "judged": c.judged,
+                                                  "statistic": c.statistic,
+                                                  "threshold": c.threshold, "passed": c.passed}
+        rows.append(row)
+    return rows
+
+
+def render_comparison(results) -> str:
+    """report.md of a several-artifact run: one table, one row per artifact."""
+    rows = comparison_rows(results)
+    head = ["artifact", "verdict", "precision", *COMPARED, "worst"]
+    lines = ["# Validation: several artifacts against one reference", "",
+             f"Same reference and tokens for every artifact ({rows[0]['positions']} compared "
+             "positions). Cells: value (judged statistic / threshold); each artifact's full "
+             "report is in its own directory.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["artifact"], "PASSED" if row["passed"] else "**FAILED**", row["precision"]]
+        for metric in COMPARED:
+            c = row[metric]
+            if c is None:
+                cells.append("—")
+                continue
+            judged = "" if c["statistic"] == "value" else f"{fmt(c['judged'])} {c['statistic']}, "
+            mark = "" if c["passed"] else " **FAIL**"
+            cells.append(f"{fmt(c['value'])} ({judged}thr {fmt(c['threshold'])}){mark}")
+        cells.append(row["worst"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(results, out_dir: str | Path, plot: bool = True, overwrite: bool = False,
+                     inputs: Iterable[str | Path] = ()) -> Path:
+    """A several-artifact report directory, atomically: NAME/report.{json,md,png} per artifact,
+    and report.json (every row), report.md (one table) and report.png (one plot) at the top."""
+    from mixbuild import __version__
+    from mixbuild.atomic import atomic_directory
+
+    if plot:
+        require("matplotlib", "plot", "the validation report plot")
+    with atomic_directory(out_dir, "report", overwrite, inputs) as tmp:
+        for name, report in results:
+            sub = tmp / name
+            sub.mkdir()
+            (sub / REPORT_FILE).write_text(json.dumps(report_document(report), indent=2) + "\n")
+            (sub / "report.md").write_text(render_markdown(report))
+            if plot:
+                plot_report(report, sub / "report.png")
+        doc = {"schema": SCHEMA, "mixbuild_version": __version__,
+               "passed": all(r.passed for _, r in results),
+               "artifacts": [{"name": n, "report": f"{n}/{REPORT_FILE}"} for n, _ in results],
+               "comparison": comparison_rows(results)}
+        (tmp / REPORT_FILE).write_text(json.dumps(_clean_json(doc), indent=2) + "\n")
+        (tmp / "report.md").write_text(render_comparison(results))
+        if plot:
+            plot_comparison(results, tmp / "report.png")
+    return Path(out_dir)
+
+
+def _clean_json(value):
+    from mixbuild.validate.result import _clean
+
+    return _clean(value)
+
+
+def plot_comparison(results, path: str | Path) -> None:
+    """report.png of a several-artifact run: KL and top-1 (each with its 95% interval and
+    threshold) per artifact, and the per-layer hidden-state relative error of each."""
+    require("matplotlib", "plot", "the validation report plot")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    names = [n for n, _ in results]
+    for ax, metric in zip(axes[:2], ("kl_mean", "top1_agreement")):
+        checks = [next((c for c in r.checks if c.name == metric), None) for _, r in results]
+        values = [c.value if c is not None and c.value is not None else float("nan") for c in checks]
+        low = [v - c.interval[0] if c is not None and c.interval else 0.0 for v, c in zip(values, checks)]
+        high = [c.interval[1] - v if c is not None and c.interval else 0.0 for v, c in zip(values, checks)]
+        colors = ["tab:green" if c is not None and c.passed else "tab:red" for c in checks]
+        ax.bar(range(len(names)), values, yerr=[low, high], color=colors, capsize=4)
+        threshold = next((c.threshold for c in checks if c is not None), None)
+        if threshold is not None:
+            ax.axhline(threshold, color="black", linestyle="--", linewidth=1, label="threshold")
+            ax.legend()
+        ax.set_xticks(range(len(names)), names, rotation=20)
+        ax.set_title(f"{metric} (95% interval)")
+    ax = axes[2]
+    for name, report in results:
+        rows = [(lr.layer, lr.hidden_rel_error) for lr in report.layers
+                if lr.hidden_rel_error is not None]
+        if rows:
+            ax.plot([r[0] for r in rows], [max(r[1], 1e-12) for r in rows], marker="o", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_title("hidden state relative error")
+    _integer_ticks(ax.xaxis)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.suptitle("artifacts vs " + results[0][1].reference)
+    fig.tight_layout()
+    fig.savefig(str(path), format="png")
+
+
+def print_comparison(results, console=None) -> None:
+    """The several-artifact table on the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"validate {len(results)} artifacts vs {results[0][1].reference}")
+    table.add_column("artifact", justify="left")
+    for column in ("verdict", *COMPARED):
+        table.add_column(column, justify="right")
+    for row in comparison_rows(results):
+        cells = ["[green]PASSED[/green]" if row["passed"] else "[bold red]FAILED[/bold red]"]
+        for metric in COMPARED:
+            c = row[metric]
+            cells.append("—" if c is None else
+                         f"{fmt(c['value'])}" + ("" if c["passed"] else " [bold red]FAIL[/bold red]"))
+        table.add_row(row["artifact"], *cells)
+    console.print(table)
+    for row in comparison_rows(results):
+        verdict = "[bold green]PASSED[/bold green]" if row["passed"] else "[bold red]FAILED[/bold red]"
+        console.print(f"{row['artifact']}: {verdict}; worst: {row['worst']}")

@@ -23,6 +23,11 @@ class Check:
     threshold: float
     bound: str
     passed: bool
+    # what was compared with the threshold: the measured value, or for a sampled metric the
+    # unfavourable end of its 95% interval ('lower95' / 'upper95' / 'far95')
+    judged: float | None = None
+    statistic: str = "value"
+    interval: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,15 @@ class Metrics:
     router_flip_rate: float | None = None       # worst layer
     router_flip_rate_mean: float | None = None  # pooled over layers
     top1_agreement_ci95: tuple[float, float] | None = None  # Wilson interval over `positions`
+    kl_mean_ci95: tuple[float, float] | None = None          # sequences as clusters
+    ppl_rel_delta_ci95: tuple[float, float] | None = None    # paired per-token NLL differences
+    # routing flips on tokens that were not near ties in the reference: the worst layer
+    router_clear_flip_rate: float | None = None
+    router_clear_flip_rate_ci95: tuple[float, float] | None = None
+    router_clear_flip_layer: int | None = None
+    # the largest finite relative expert output error, and its (layer, expert)
+    expert_rel_error: float | None = None
+    expert_rel_error_at: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -66,16 +80,29 @@ class LayerReport:
     tokens: int
     expert_max_abs: tuple[float | None, ...] = ()
     expert_tokens: tuple[int, ...] = ()
+    # relative (Frobenius) errors: the layer's output hidden state and its MoE input (the
+    # artifact's against the reference's, over the real tokens), and each expert's output on
+    # the reference MoE inputs; None where not measured
+    hidden_rel_error: float | None = None
+    moe_input_max_abs: float | None = None
+    moe_input_rel_error: float | None = None
+    clear_flips: int | None = None          # flips that were not near ties
+    expert_rel_error: tuple[float | None, ...] = ()
 
 
 @dataclass(frozen=True)
 class Worst:
-    """Where the error most likely comes from.
+    """Where the error most likely comes from (compare.worst_location).
 
     basis 'hidden_non_finite': the first layer whose hidden-state error is NaN or Inf (expert
-    None); 'expert_max_abs': the (layer, expert) with the largest expert output error;
-    'hidden_growth': no expert errors, so the layer whose output error grew most over its input's
-    (expert is None)."""
+    None); 'attention_growth': the layer whose attention added the most relative error (its
+    MoE input's minus its input's; expert None); 'moe_growth': the layer whose MoE added the
+    most, with its expert of largest relative output error; 'expert_max_abs': the (layer,
+    expert) with the largest expert output error (no MoE inputs from the artifact, or a NaN
+    one); 'expert_rel_error': an expert whose relative output error is an outlier among all
+    experts' (a damaged expert, or the worst of a damaged layer);
+    'hidden_growth': no expert errors, so the layer whose output error grew most over its
+    input's (expert is None)."""
 
     layer: int
     expert: int | None

@@ -5,6 +5,16 @@ The backend decides what the model directory is: an artifact for `ort` (ONNX Run
 CUDA provider), an engine for `trt`, a Hugging Face checkpoint for `torch` (mixbuild's reference
 model; on CUDA its MoE runs the Triton kernels, which is what validating it proves). `auto`
 picks the backend from the directory's files, as `mixbuild run` does.
+
+An ort artifact always gets the full diagnostics (router logits, chosen experts, MoE inputs
+and hidden states of every layer; all-position logits on the serving layout): its session
+loads a private in-memory copy of the graph with those values added as outputs
+(mixbuild/validate/diagnostics.py), through the same OrtRunner, session options and runtime
+rewrites as `mixbuild run`; the artifact's files are never written. Serving-layout artifacts
+are driven by mixbuild/validate/passes.py (ServingModel; the greedy pass is ServingStep).
+
+Several artifacts (`validate_artifacts`) are judged against one reference on the same tokens;
+each gets its own report, and one table and plot compare them (report.compare_*).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ class _Opened:
     tokenizer_dir: Path
     debug: bool                      # the runner emits debug.{i}.* outputs
     expert_loader: object = None     # layer -> (w_gate_up, w_down) as the runner computes them
+    model: object = None             # what compare.validate drives (default: the runner)
 
 
 def validate_artifact(artifact_dir: str | Path, reference: str | Path, out: str | Path | None = None,
@@ -36,51 +47,132 @@ def validate_artifact(artifact_dir: str | Path, reference: str | Path, out: str 
                       max_sequences: int | None = 8, batch_size: int = 4,
                       overrides: dict[str, float] | None = None, plot: bool = True,
                       progress: bool = True, overwrite: bool = False, backend: str = "auto",
-                      device: str = "cpu", dtype: str | None = None):
+                      device: str = "cpu", dtype: str | None = None, long: int | None = None,
+                      chunk: int | None = None):
     """Validate; returns (report, report_dir or None). A report directory that would be refused
     (mixbuild.atomic.check_destination) is refused before any work is done.
 
     backend: auto | ort | torch | trt (what `artifact_dir` is; see the module docstring);
     device: cpu | cuda; dtype: the torch backend's compute dtype (fp32 | fp16 | bf16, default
     fp32), which is also the precision whose tolerances apply; other backends refuse it.
+    long: evaluate on sequences of `long` tokens (the text repeated as needed, at most the
+    model's context), one per batch, compared `chunk` tokens at a time (default 256) through
+    the KV cache; chunk alone chunks the ordinary evaluation batches.
     """
+    (_, report), = _validate_many([artifact_dir], reference, prompts, max_tokens, steps,
+                                     max_sequences, batch_size, overrides, progress, backend,
+                                     device, dtype, long, chunk, out, overwrite)
+    report_dir = None
+    if out is not None:
+        from mixbuild.validate.report import write_report
+
+        report_dir = write_report(report, out, plot=plot, overwrite=overwrite,
+                                  inputs=_inputs([artifact_dir], reference, prompts))
+    return report, report_dir
+
+
+def validate_artifacts(artifact_dirs, reference: str | Path, out: str | Path | None = None,
+                       prompts: str | Path | None = None, max_tokens: int = 128, steps: int = 16,
+                       max_sequences: int | None = 8, batch_size: int = 4,
+                       overrides: dict[str, float] | None = None, plot: bool = True,
+                       progress: bool = True, overwrite: bool = False, backend: str = "auto",
+                       device: str = "cpu", dtype: str | None = None, long: int | None = None,
+                       chunk: int | None = None):
+    """Several artifacts against one reference on the same tokens: returns ([(name, report)],
+    report_dir or None). `out` gets one report directory per artifact (named after it) and a
+    comparison: report.md (one table), report.json and report.png (one plot). Each report is
+    what validate_artifact gives for that artifact alone, number for number."""
+    artifact_dirs = [Path(a) for a in artifact_dirs]
+    if not artifact_dirs:
+        raise UsageError("no artifact to validate", expected="one or more ARTIFACT directories")
+    results = _validate_many(artifact_dirs, reference, prompts, max_tokens, steps, max_sequences,
+                             batch_size, overrides, progress, backend, device, dtype, long, chunk,
+                             out, overwrite)
+    report_dir = None
+    if out is not None:
+        from mixbuild.validate.report import write_comparison
+
+        report_dir = write_comparison(results, out, plot=plot, overwrite=overwrite,
+                                      inputs=_inputs(artifact_dirs, reference, prompts))
+    return results, report_dir
+
+
+def _inputs(artifact_dirs, reference, prompts):
+    return [p for p in (*artifact_dirs, reference, prompts) if p is not None]
+
+
+def unique_names(paths) -> list[str]:
+    """A short, distinct name per artifact directory (its name; the parent's too on a clash)."""
+    names = [Path(p).name or str(p) for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{i}-{n}" for i, n in enumerate(names)]
+
+
+def _validate_many(artifact_dirs, reference, prompts, max_tokens, steps, max_sequences,
+                   batch_size, overrides, progress, backend, device, dtype, long, chunk, out,
+                   overwrite):
     from mixbuild.atomic import check_destination
     from mixbuild.validate.compare import validate
-    from mixbuild.validate.data import evaluation_batches
     from mixbuild.validate.experts import ExpertWeightPair, checkpoint_expert_weights
     from mixbuild.validate.hf_runner import HFRunner
-    from mixbuild.validate.report import write_report
     from mixbuild.validate.tolerances import load_tolerances
 
-    inputs = [p for p in (artifact_dir, reference, prompts) if p is not None]
     if out is not None:
-        check_destination(out, overwrite, "report", inputs)
+        check_destination(out, overwrite, "report", _inputs(artifact_dirs, reference, prompts))
+    if long is not None and long < 2:
+        raise UsageError("--long needs at least 2 tokens", found=str(long))
     ckpt = Checkpoint(reference)
-    opened = _open(Path(artifact_dir), choice(Backend, backend, "backend"),
-                   choice(Device, device, "device"), dtype)
+    backend, device = choice(Backend, backend, "backend"), choice(Device, device, "device")
+    opened = [_open(Path(a), backend, device, dtype) for a in artifact_dirs]
+    for path, model in zip(artifact_dirs, opened):
+        _check_same_model(ckpt, model, path)
+    first = opened[0]
+    batches = _batches(first, ckpt, prompts, max_tokens, max_sequences, batch_size, long)
+    if long is not None and chunk is None:
+        chunk = 256
+    debug = any(o.debug for o in opened)
+    hf = HFRunner(ckpt.path, router_logits=debug, hidden_states=debug, moe_inputs=debug)
+    reference_experts = checkpoint_expert_weights(ckpt.path) if debug else None
+    results = []
+    for name, model in zip(unique_names(artifact_dirs), opened):
+        experts = None
+        if model.debug and model.expert_loader is not None:
+            experts = ExpertWeightPair(reference_experts, model.expert_loader)
+        report = validate(hf, model.model or model.runner, model.spec, batches, steps,
+                          load_tolerances(model.precision, overrides), experts,
+                          artifact_kv_dtype=model.kv_dtype, progress=progress, chunk=chunk)
+        results.append((name, report))
+    return results
+
+
+def _check_same_model(ckpt: Checkpoint, opened: _Opened, path: Path) -> None:
     if ckpt.spec.replace(dtype=opened.spec.dtype) != opened.spec:
-        raise UsageError(f"the {opened.runner.name} model was not made from this checkpoint",
+        raise UsageError(f"the {opened.runner.name} model {path} was not made from this checkpoint",
                          expected=f"a checkpoint with the model's spec ({opened.spec.num_layers} "
                                   f"layers, hidden {opened.spec.hidden_size}, "
                                   f"{opened.spec.num_experts} experts)",
                          found=f"{ckpt.spec.num_layers} layers, hidden {ckpt.spec.hidden_size}, "
                                f"{ckpt.spec.num_experts} experts")
+
+
+def _batches(opened: _Opened, ckpt: Checkpoint, prompts, max_tokens, max_sequences, batch_size,
+             long):
+    from mixbuild.validate.data import evaluation_batches, long_batches
+
     tokenizer = opened.tokenizer_dir / "tokenizer.json"
     if not tokenizer.is_file():
         tokenizer = ckpt.path / "tokenizer.json"
-    batches = evaluation_batches(tokenizer, prompts, max_tokens=max_tokens, batch_size=batch_size,
-                                 bos_id=ckpt.spec.bos_token_id, max_sequences=max_sequences)
-    debug = opened.debug
-    hf = HFRunner(ckpt.path, router_logits=debug, hidden_states=debug, moe_inputs=debug)
-    experts = None
-    if debug and opened.expert_loader is not None:
-        experts = ExpertWeightPair(checkpoint_expert_weights(ckpt.path), opened.expert_loader)
-    report = validate(hf, opened.runner, opened.spec, batches, steps,
-                      load_tolerances(opened.precision, overrides), experts,
-                      artifact_kv_dtype=opened.kv_dtype, progress=progress)
-    report_dir = (write_report(report, out, plot=plot, overwrite=overwrite, inputs=inputs)
-                  if out is not None else None)
-    return report, report_dir
+    if long is None:
+        return evaluation_batches(tokenizer, prompts, max_tokens=max_tokens, batch_size=batch_size,
+                                  bos_id=ckpt.spec.bos_token_id, max_sequences=max_sequences)
+    context = ckpt.spec.max_position_embeddings
+    if long > context:
+        raise UsageError(f"--long {long} is longer than the model's context",
+                         expected=f"at most {context} tokens (max_position_embeddings)",
+                         found=str(long), hint=f"pass --long {context} or less")
+    return long_batches(tokenizer, prompts, long, bos_id=ckpt.spec.bos_token_id,
+                        sequences=max_sequences or 1)
 
 
 def _open(path: Path, backend: Backend, device: Device, dtype: str | None) -> _Opened:
@@ -113,9 +205,15 @@ _OPENS = {Backend.ORT: "an ONNX artifact directory (mixbuild.json + model.onnx)"
 
 
 def _open_ort(path: Path, device: Device, dtype: str | None) -> _Opened:
+    import numpy as np
+    from onnx import helper
+
+    from mixbuild.contract import Layout
     from mixbuild.exporter.artifact import Artifact
     from mixbuild.exporter.weights import ArtifactWeights
     from mixbuild.runtime.ort_runner import OrtRunner
+    from mixbuild.validate.diagnostics import expose
+    from mixbuild.validate.passes import ServingModel
 
     providers = ["CPUExecutionProvider"]
     if device is Device.CUDA:
@@ -126,10 +224,32 @@ def _open_ort(path: Path, device: Device, dtype: str | None) -> _Opened:
                                          "validating on the ort backend with --device cuda")
         providers = ["CUDAExecutionProvider", *providers]
     artifact = Artifact.open(path)
-    runner = OrtRunner(artifact, providers=providers)
-    debug = bool(artifact.manifest.get("debug_outputs"))
-    return _Opened(runner, artifact.spec, Precision.parse(artifact.precision), runner.kv_dtype,
-                   artifact.path, debug, ArtifactWeights(artifact).experts if debug else None)
+    manifest, spec = artifact.manifest, artifact.spec
+    serving = manifest.get("layout") == Layout.SERVING.value
+    act = helper.np_dtype_to_tensor_dtype(np.dtype(DType.parse(manifest["dtype"]).numpy))
+    found = {}
+
+    def diagnostics(model) -> None:   # the session's private copy of the graph
+        found["exposed"] = expose(model, spec.num_layers, act, serving,
+                                  manifest.get("logits") == "all")
+
+    runner = OrtRunner(artifact, providers=providers, graph_rewrite=diagnostics)
+    exposed = found["exposed"]
+    model = ServingModel(runner, exposed, spec) if serving else _RenamedRunner(runner, exposed)
+    return _Opened(runner, spec, Precision.parse(artifact.precision), runner.kv_dtype,
+                   artifact.path, True, ArtifactWeights(artifact).experts, model)
+
+
+class _RenamedRunner:
+    """A concat-layout OrtRunner whose exposed diagnostic values come out under their
+    `debug.{i}.*` names."""
+
+    def __init__(self, runner, exposed) -> None:
+        self.runner, self.exposed = runner, exposed
+        self.name, self.spec = runner.name, runner.spec
+
+    def infer(self, feeds):
+        return self.exposed.rename(self.runner.infer(feeds))
 
 
 def _open_torch(path: Path, device: Device, dtype: str | None) -> _Opened:

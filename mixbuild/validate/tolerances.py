@@ -45,20 +45,25 @@ THRESHOLDS: dict[str, Bound] = {
     "ppl_rel_delta": Bound.ABS_AT_MOST,
     "greedy_match_fraction": Bound.AT_LEAST,
     "router_flip_rate": Bound.AT_MOST,
+    "expert_rel_error": Bound.AT_MOST,
 }
 # allowed value range of every numeric field
 RANGES: dict[str, tuple[float, float]] = {
     "logits_max_abs": (0.0, math.inf), "logits_cosine_min": (-1.0, 1.0), "kl_mean": (0.0, math.inf),
     "top1_agreement": (0.0, 1.0), "ppl_rel_delta": (0.0, math.inf),
     "greedy_match_fraction": (0.0, 1.0), "router_flip_rate": (0.0, 1.0),
-    "router_near_tie_gap": (0.0, 1.0),
+    "router_near_tie_gap": (0.0, 1.0), "expert_rel_error": (0.0, math.inf),
 }
+# keys a tolerances entry may leave out (their defaults below)
+OPTIONAL = ("router_near_tie_gap", "expert_rel_error")
 
 
 @dataclass(frozen=True)
 class Tolerances:
-    """Thresholds of one precision. router_near_tie_gap is not a threshold but the router
-    probability gap under which a routing flip is counted as a near tie."""
+    """Thresholds of one precision (what each protects: docs/validation.md).
+    router_near_tie_gap is not a threshold but the router probability gap under which a
+    routing flip is counted as a near tie; expert_rel_error (default: no bound) bounds every
+    expert's relative output error on the reference MoE inputs."""
 
     precision: Precision
     logits_max_abs: float
@@ -69,6 +74,7 @@ class Tolerances:
     greedy_match_fraction: float
     router_flip_rate: float
     router_near_tie_gap: float = 0.01
+    expert_rel_error: float = math.inf
 
     def __post_init__(self) -> None:
         self.validate()
@@ -84,15 +90,32 @@ class Tolerances:
                 raise UsageError(f"tolerance '{name}' is out of range",
                                  expected=f"{low} <= {name} <= {high}", found=repr(value))
 
-    def check(self, name: str, value: float | None) -> Check:
+    def check(self, name: str, value: float | None,
+              interval: tuple[float, float] | None = None) -> Check:
         """Compare one metric with its threshold; a None, NaN or infinite value fails (a metric
         over NaN / Inf outputs is NaN, and no bound is met by an infinity that is not an
-        error: -inf <= threshold must not pass)."""
+        error: -inf <= threshold must not pass).
+
+        With the metric's 95% `interval`, the end that is unfavourable for the bound is judged
+        (the lower end for '>=', the upper for '<=', the one farther from 0 for '|x| <='): the
+        check passes only when the measurement shows, with 95% confidence, that the threshold
+        is met, so a value within sampling noise of the threshold does not pass by luck. An
+        exact threshold (a rate of 1.0 at least, or 0 at most) is judged on the value itself:
+        no finite sample can bound a rate to exactly 1, and the exact precisions claim that no
+        position may disagree."""
         bound, threshold = THRESHOLDS[name], getattr(self, name)
-        measured = value is not None and math.isfinite(value)
-        passed = measured and bound.holds(float(value), threshold)
+        judged, statistic = value, "value"
+        exact = (bound is Bound.AT_LEAST and threshold >= 1.0) or \
+            (bound is not Bound.AT_LEAST and threshold == 0.0)
+        if interval is not None and value is not None and not exact:
+            low, high = (float(x) for x in interval)
+            judged, statistic = {Bound.AT_LEAST: (low, "lower95"), Bound.AT_MOST: (high, "upper95"),
+                                 Bound.ABS_AT_MOST: (max(abs(low), abs(high)), "far95")}[bound]
+        measured = judged is not None and math.isfinite(judged) and math.isfinite(value)
+        passed = measured and bound.holds(float(judged), threshold)
         return Check(name=name, value=value, threshold=threshold, bound=bound.value,
-                     passed=bool(passed))
+                     passed=bool(passed), judged=judged, statistic=statistic,
+                     interval=tuple(interval) if interval is not None else None)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -167,7 +190,7 @@ def _check_keys(values: Mapping[str, Any], source: str, required: bool) -> None:
     if unknown:
         raise UsageError(f"{source}: unknown tolerance name(s) {', '.join(unknown)}",
                          expected=", ".join(field_names()), found=", ".join(unknown))
-    missing = sorted(known - set(values) - {"router_near_tie_gap"}) if required else []
+    missing = sorted(known - set(values) - set(OPTIONAL)) if required else []
     if missing:
         raise UsageError(f"{source}: missing tolerance(s) {', '.join(missing)}")
 

@@ -48,7 +48,8 @@ def test_report_json_schema(tmp_path):
     assert len(doc["layers"]) == 3 and all(set(layer) >= LAYER_KEYS for layer in doc["layers"])
     assert doc["layers"][0]["expert_max_abs"] == [0.001, None, 0.0, 0.003]
     assert doc["checks"]["ppl_rel_delta"] == {"value": 0.02, "threshold": 0.01, "bound": "|x| <=",
-                                              "passed": False}
+                                              "passed": False, "judged": None,
+                                              "statistic": "value", "interval": None}
     assert doc["worst"] == {"layer": 2, "expert": 2, "value": 0.04, "basis": "expert_max_abs"}
 
 
@@ -81,8 +82,8 @@ def test_png_without_expert_errors_or_layer_data(tmp_path):
 def test_markdown_summary_and_layer_table():
     text = R.render_markdown(make_report())
     assert text.startswith("# Validation: FAILED")
-    assert "| ppl_rel_delta | 0.02 | \\|x\\| <= | 0.01 | **FAIL** |" in text
-    assert "| 2 | 0.3 | 0.002 | 0.05 | 2 | 1 | 2 (0.04) |" in text
+    assert "| ppl_rel_delta | 0.02 | — | 0.02 | \\|x\\| <= | 0.01 | **FAIL** |" in text
+    assert "| 2 | — | — | 0.3 | 0.002 | 0.05 | 2 | 1 | 2 (max abs 0.04) |" in text
     assert "first divergence: sequence 1, step 4" in text
     assert "worst: layer 2, expert 2" in text
     assert "## Per-expert output max abs error" in text

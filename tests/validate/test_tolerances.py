@@ -31,8 +31,9 @@ def test_every_precision_loads_and_validates(precision):
 def test_headline_numbers():
     fp32, fp8, int4 = (load_tolerances(p) for p in ("fp32", "fp8", "int4"))
     assert fp32.logits_max_abs == 1e-3 and fp32.top1_agreement == 1.0
-    assert fp8.top1_agreement >= 0.97 and fp8.ppl_rel_delta <= 0.01
-    assert int4.top1_agreement >= 0.90 and int4.ppl_rel_delta <= 0.05
+    # judged on 95% lower bounds (docs/validation.md): 0.93 / 0.85 of the interval's lower end
+    assert fp8.top1_agreement >= 0.93 and fp8.ppl_rel_delta <= 0.02
+    assert int4.top1_agreement >= 0.85 and int4.ppl_rel_delta <= 0.05
 
 
 def test_thresholds_loosen_as_precision_drops():
@@ -75,11 +76,11 @@ def test_frozen():
 def test_check_directions():
     tol = load_tolerances("fp8")
     assert tol.check("top1_agreement", 0.98).passed
-    assert not tol.check("top1_agreement", 0.96).passed
+    assert not tol.check("top1_agreement", 0.92).passed
     assert tol.check("kl_mean", 0.01).passed
     assert not tol.check("kl_mean", 0.03).passed
     assert tol.check("ppl_rel_delta", -0.005).passed           # magnitude bound
-    assert not tol.check("ppl_rel_delta", -0.02).passed
+    assert not tol.check("ppl_rel_delta", -0.03).passed
     assert not tol.check("logits_max_abs", math.nan).passed    # NaN never passes
     check = tol.check("logits_cosine_min", 0.99)
     assert (check.bound, check.threshold, check.passed) == (">=", 0.97, True)
@@ -118,3 +119,18 @@ def test_parse_override():
 def test_direct_construction_validates():
     with pytest.raises(MixbuildError, match="router_flip_rate"):
         Tolerances(Precision.FP32, 1e-3, 0.9, 1e-3, 1.0, 1e-3, 1.0, router_flip_rate=2.0)
+
+
+def test_sampled_checks_judge_the_unfavourable_end_of_the_interval():
+    tol = load_tolerances("fp8")
+    inside = tol.check("top1_agreement", 0.9697, (0.957, 0.979))      # above 0.93 even at 0.957
+    assert inside.passed and (inside.judged, inside.statistic) == (0.957, "lower95")
+    noisy = tol.check("top1_agreement", 0.94, (0.91, 0.96))            # value passes, interval not
+    assert not noisy.passed and noisy.judged == 0.91
+    assert not tol.check("kl_mean", 0.015, (0.01, 0.025)).passed      # upper end 0.025 > 0.02
+    far = tol.check("ppl_rel_delta", 0.001, (-0.025, 0.01))
+    assert (far.judged, far.statistic, far.passed) == (0.025, "far95", False)
+    exact = load_tolerances("fp32")
+    one = exact.check("top1_agreement", 1.0, (0.996, 1.0))            # 1.0 is exact: the value
+    assert one.passed and one.statistic == "value"
+    assert not exact.check("router_flip_rate", 0.001, (0.0, 0.005)).passed   # 0 is exact too
