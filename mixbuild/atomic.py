@@ -30,6 +30,8 @@ from mixbuild.contract import (
     ARTIFACT_KIND,
     ENGINE_KIND,
     ENGINE_MANIFEST_FILE,
+    HF_CHECKPOINT_KIND,
+    HF_MANIFEST_FILE,
     MANIFEST_FILE,
     REPORT_FILE,
     REPORT_SCHEMA,
@@ -41,6 +43,7 @@ OUTPUT_KINDS = {
     ARTIFACT_KIND: (MANIFEST_FILE, "kind", ARTIFACT_KIND),
     ENGINE_KIND: (ENGINE_MANIFEST_FILE, "kind", ENGINE_KIND),
     "report": (REPORT_FILE, "schema", REPORT_SCHEMA),
+    HF_CHECKPOINT_KIND: (HF_MANIFEST_FILE, "kind", HF_CHECKPOINT_KIND),
 }
 _ROLES = ("tmp", "old", "scratch")
 
@@ -52,7 +55,8 @@ class Terminated(BaseException):
 
 
 def output_kind(path: str | Path) -> str | None:
-    """The kind of mixbuild output `path` is ("artifact", "engine", "report"), or None."""
+    """The kind of mixbuild output `path` is ("artifact", "engine", "report", "hf-checkpoint"),
+    or None."""
     path = Path(path)
     for kind, (marker, key, value) in OUTPUT_KINDS.items():
         try:

@@ -163,19 +163,32 @@ def _refuse_unused_options(ctx: click.Context, precision: str) -> None:
                    "per-row lengths, last-token logits; docs/contract.md).")
 @click.option("--all-logits", is_flag=True,
               help="Serving layout: return the logits of every position, not only the last.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "hf", "hf-modelopt"]), default="onnx",
+              show_default=True,
+              help="onnx: the ONNX artifact; hf: a quantized Hugging Face checkpoint in the "
+                   "compressed-tensors format (fp8 | int4; vLLM, SGLang, transformers); "
+                   "hf-modelopt: NVIDIA's unified HF format (fp8 with --fp8-weight-scales tensor; "
+                   "TensorRT-LLM, vLLM). --dtype sets the float tensors' type (docs/precision.md).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @handles_errors
 def export(checkpoint: str, out: str, dtype: str, precision: str, calib: str | None,
            calib_tokens: int, int4_method: str, group_size: int, fp8_weight_scales: str,
-           debug_outputs: bool, layout: str, all_logits: bool, overwrite: bool) -> None:
-    """Export a Hugging Face Mixtral checkpoint to an ONNX artifact with MoE custom ops."""
+           debug_outputs: bool, layout: str, all_logits: bool, fmt: str, overwrite: bool) -> None:
+    """Export a Hugging Face Mixtral checkpoint to an ONNX artifact with MoE custom ops (or,
+    with --format hf | hf-modelopt, to a quantized Hugging Face checkpoint)."""
     import time
 
     from mixbuild.exporter.export import export_checkpoint
     from mixbuild.progress import human_bytes
 
     _refuse_unused_options(click.get_current_context(), precision)
-    if dtype == "bf16":
+    if fmt != "onnx":
+        from mixbuild.contract import ExportFormat
+        from mixbuild.exporter.hf import check_hf_options
+
+        if precision == "float":
+            check_hf_options(ExportFormat.parse(fmt), None)   # refuses: nothing to quantize
+    if dtype == "bf16" and fmt == "onnx":
         click.echo("warning: ONNX Runtime's CPU provider cannot run a bf16 artifact (so neither "
                    "can `mixbuild run --device cpu` nor `mixbuild validate`): it needs a GPU "
                    "provider (--device cuda) or a TensorRT engine (`mixbuild engine`); export "
@@ -189,7 +202,8 @@ def export(checkpoint: str, out: str, dtype: str, precision: str, calib: str | N
                                   calib_file=calib, calib_tokens=calib_tokens)
     start = time.perf_counter()
     path = export_checkpoint(checkpoint, out, dtype=dtype, debug_outputs=debug_outputs,
-                             overwrite=overwrite, quant=quant, layout=layout, all_logits=all_logits)
+                             overwrite=overwrite, quant=quant, layout=layout, all_logits=all_logits,
+                             format=fmt)
     size = sum(p.stat().st_size for p in path.iterdir())
     click.echo(f"exported {path} ({precision if quant else dtype}, {human_bytes(size)}) in "
                f"{time.perf_counter() - start:.1f} s")

@@ -38,6 +38,27 @@ ARTIFACT_KIND, ENGINE_KIND = "artifact", "engine"
 ARTIFACT_FORMAT_VERSION = 1
 ENGINE_FORMAT_VERSION = 2                 # 2: "backend" is the EngineBackend value
 
+# A quantized Hugging Face checkpoint (`mixbuild export --format hf | hf-modelopt`,
+# mixbuild/exporter/hf.py; docs/precision.md, "Quantized Hugging Face checkpoints")
+HF_MANIFEST_FILE = "mixbuild_checkpoint.json"   # what mixbuild wrote: calibration, sha256 of files
+HF_CHECKPOINT_KIND = "hf-checkpoint"
+HF_FORMAT_VERSION = 1
+HF_INDEX_FILE = "model.safetensors.index.json"  # the shard index transformers and vLLM read
+HF_GENERATION_FILE = "generation_config.json"
+HF_MODELOPT_CONFIG_FILE = "hf_quant_config.json"  # NVIDIA's unified format (TensorRT-LLM, vLLM)
+
+
+class ExportFormat(str, Enum):
+    """What `mixbuild export --format` writes."""
+
+    ONNX = "onnx"                      # the ONNX artifact (the default)
+    HF = "hf"                          # Hugging Face checkpoint, compressed-tensors quantization
+    HF_MODELOPT = "hf-modelopt"        # Hugging Face checkpoint, NVIDIA unified (ModelOpt) FP8
+
+    @classmethod
+    def parse(cls, value) -> ExportFormat:
+        return choice(cls, value, "export format")
+
 # -------------------------------------------------------------------------------------- ONNX
 
 OPSET = 21                      # blocked DequantizeLinear (int4) needs 21

@@ -25,6 +25,7 @@ from mixbuild.contract import (
     EXPERT_LOAD_PLOT,
     ONNX_FILE,
     DType,
+    ExportFormat,
     Layout,
     Precision,
     io_specs,
@@ -100,8 +101,13 @@ def io_table(spec: MixtralSpec, dtype: DType, debug: bool, layout: Layout = Layo
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp32",
                       debug_outputs: bool = False, overwrite: bool = False,
                       progress: bool = True, quant=None, layout: str | Layout = Layout.CONCAT,
-                      all_logits: bool = False) -> Path:
+                      all_logits: bool = False, format: str | ExportFormat = ExportFormat.ONNX
+                      ) -> Path:
     """Export a checkpoint directory to an artifact directory; returns the artifact path.
+
+    `format` "hf" / "hf-modelopt" writes a quantized Hugging Face checkpoint instead (needs
+    `quant`; mixbuild/exporter/hf.py: compressed-tensors, or NVIDIA's unified FP8 format), from
+    the same calibration and QuantStore tensors as the ONNX artifact.
 
     `layout` is the KV-cache contract (docs/contract.md): "concat" (past in, present out) or
     "serving" (a fixed-capacity cache updated in place, per-row lengths, last-token logits;
@@ -113,6 +119,21 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
     out = Path(out)
     export_dtype = parse_dtype(dtype)
     layout = Layout.parse(layout)
+    fmt = ExportFormat.parse(format)
+    if fmt is not ExportFormat.ONNX:
+        from mixbuild.exporter.hf import export_hf_checkpoint
+
+        onnx_only = {"--debug-outputs": debug_outputs, "--all-logits": all_logits,
+                     "--layout serving": layout is Layout.SERVING}
+        for flag, used in onnx_only.items():
+            if used:
+                raise UsageError(f"{flag} is an option of the ONNX artifact",
+                                 expected=f"{flag} only with --format onnx",
+                                 found=f"{flag} with --format {fmt.value}",
+                                 hint=f"drop {flag}: a Hugging Face checkpoint has no graph outputs "
+                                      "or KV-cache layout of its own")
+        return export_hf_checkpoint(checkpoint, out, quant, fmt=fmt, dtype=export_dtype,
+                                    overwrite=overwrite, progress=progress)
     if all_logits and layout is not Layout.SERVING:
         raise UsageError("all-position logits are an option of the serving layout",
                          found=f"layout {layout.value}", hint="the concat layout always returns them")

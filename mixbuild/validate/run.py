@@ -255,13 +255,35 @@ class _RenamedRunner:
 def _open_torch(path: Path, device: Device, dtype: str | None) -> _Opened:
     import numpy as np
 
+    from mixbuild.runtime.hf_quantized import is_hf_quantized
     from mixbuild.runtime.torch_runner import TorchRunner
     from mixbuild.validate.experts import torch_expert_weights
 
+    if is_hf_quantized(path):
+        return _open_hf_quantized(path, device, dtype)
     compute = DType.parse(dtype or "fp32")
     runner = TorchRunner.from_checkpoint(path, dtype=compute.torch, debug=True, device=device.value)
     # float32 feeds: the runner casts the past KV to its dtype (numpy has no bfloat16)
     return _Opened(runner, runner.spec, Precision.of_dtype(compute), np.float32, path, True,
+                   torch_expert_weights(runner))
+
+
+def _open_hf_quantized(path: Path, device: Device, dtype: str | None) -> _Opened:
+    """A quantized Hugging Face checkpoint written by `mixbuild export --format hf`: the torch
+    backend with the dequantization the engines apply (mixbuild/runtime/hf_quantized.py),
+    float32 on the CPU; the tolerances are those of its precision."""
+    import numpy as np
+
+    from mixbuild.runtime.hf_quantized import load_runner, read_manifest
+    from mixbuild.validate.experts import torch_expert_weights
+
+    if dtype is not None or device is not Device.CPU:
+        raise UsageError("a quantized Hugging Face checkpoint is validated in float32 on the CPU",
+                         found=f"--device {device.value}" + (f" --dtype {dtype}" if dtype else ""),
+                         hint="drop --dtype and pass --device cpu")
+    runner = load_runner(path, debug=True)        # every file's sha256 checked first
+    precision = Precision.parse(read_manifest(path, verify=False)["precision"])
+    return _Opened(runner, runner.spec, precision, np.float32, path, True,
                    torch_expert_weights(runner))
 
 

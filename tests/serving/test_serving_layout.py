@@ -209,8 +209,10 @@ def test_new_rows_prefill_together_beside_running_decodes(fixture_serving):
         step = ServingStep(OrtRunner(fixture_serving, threads=1, fast_attention=fast), capacity=64,
                            max_batch=4)
         if fast:
-            original = step._call
-            step._call = lambda *a, **k: (calls.append(a[4]), original(*a, **k))[1]
+            def recording(*a, original=step._call, **k):
+                calls.append(a[4])
+                return original(*a, **k)
+            step._call = recording
         cache = step.new_cache()
         cache.reset(4, 64)
         step.run(*ragged([[5, 6, 7], [], [], [40, 41, 42, 43]], [0, 0, 0, 0]), cache)
