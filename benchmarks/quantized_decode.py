@@ -1,0 +1,309 @@
+"""Quantized decode on the CPU: mixbuild fp32 / fp8 / int4 on ONNX Runtime against llama.cpp
+f32 / Q8_0 / Q4_0, in one run.
+
+    python benchmarks/quantized_decode.py --threads 2                # fixture + random 338M
+    python benchmarks/quantized_decode.py --threads 2 --skip-large
+
+For each model (the trained fixture, then the random Mixtral-shaped ~338M-parameter model of
+benchmarks/generation.py) the same checkpoint is exported by mixbuild (fp32, fp8 and int4,
+concat layout, default quantization settings but --calib-tokens: calibration does not change
+speed) and converted by llama.cpp's own converter (f32 and Q8_0 GGUF, then Q4_0 with
+llama.cpp's quantizer, llama_model_quantize, from the f32 file). Every engine runs in its own
+child process, batch 1, greedy, --new-tokens tokens after a short prompt, end-of-sequence
+ignored, --threads threads; the figure is the best of --repeats runs of the decode rate
+((tokens - 1) / time from the first to the last token, so the prompt is left out on both
+sides), after one warm-up run.
+
+mixbuild's quantized artifacts run twice: on ONNX Runtime's fast kernels as `mixbuild run`
+and the runtime load them (int4 experts as QMoE, int4 linears as MatMulNBits at accuracy
+level 1, fp8 weights folded to float32 at load; mixbuild/runtime/ort_quant.py), and "body",
+the artifact's own portable function bodies (what every quantized artifact ran before:
+dequantize every expert on every call), with fewer tokens (it is slow). The resident memory
+(peak RSS of the child) is reported beside the file size: an int4 session should hold about
+the int4 bytes, the fp8 one holds float32 weights (folded at load).
+
+llama.cpp lives in the bench-only venv of benchmarks/serving.py (`python
+benchmarks/serving.py --setup --servers llama` builds it: llama-cpp-python from source,
+CPU-only, with the vendored GGUF converter); its GGUF files are kept under
+benchmarks/.venvs/work. Prints a Markdown table and writes quantized_decode.json and
+quantized_decode.png (decode tok/s per engine and precision) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+PROMPT = "def fibonacci(n):\n    "
+MIXBUILD = ("fp32", "fp8", "int4")
+LLAMA = ("f32", "q8_0", "q4_0")
+LLAMA_FTYPE = {"q4_0": 2}          # llama.h: LLAMA_FTYPE_MOSTLY_Q4_0
+
+
+# --------------------------------------------------------------------------- child processes
+def child_mixbuild(artifact: str, threads: int, tokens: int, repeats: int, body: bool) -> dict:
+    import mixbuild.runtime as rt
+    from mixbuild.runtime.api import Model
+    from mixbuild.runtime.ort_runner import OrtRunner
+    from mixbuild.runtime.steps import FeedStep
+
+    model = rt.load(artifact, threads=threads, max_batch=1)
+    kernels = None
+    if body:
+        runner = OrtRunner(artifact, threads=threads, fast_quantized=False)
+        model = Model(FeedStep(runner), runner.spec, model.tokenizer, model.defaults,
+                      model.options, "ort")
+        kernels = runner.kernels
+    else:
+        kernels = getattr(getattr(model.step, "runner", None), "kernels", None)
+    loaded_rss = _rss_mib()
+    ids = _prompt_ids(model)
+    rates, out = [], None
+    for i in range(repeats + 1):
+        out = model.generate_ids([ids], max_new_tokens=tokens, ignore_eos=True)[0]
+        if i:
+            rates.append(out.timings.decode_tokens_per_s)
+    return {"tok_s": max(rates), "rss_mib": _rss_mib(), "loaded_rss_mib": loaded_rss,
+            "tokens": out.token_ids, "kernels": kernels}
+
+
+def _prompt_ids(model) -> list[int]:
+    if model.tokenizer is not None:
+        return model.tokenizer.encode(PROMPT)
+    return [1, 523, 1910, 77, 4012, 9]
+
+
+def child_llama(gguf: str, threads: int, tokens: int, repeats: int) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=512,
+                n_batch=64, verbose=False, seed=0)
+    loaded_rss = _rss_mib()
+    prompt = llm.tokenize(PROMPT.encode())
+    rates = []
+    for i in range(repeats + 1):
+        llm.reset()
+        stamps = []
+        # llama.generate yields greedy tokens without stopping at end-of-sequence (as
+        # ignore_eos on the mixbuild side): exactly `tokens` of them
+        for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            stamps.append(time.perf_counter())
+            if len(stamps) == tokens:
+                break
+        if i:
+            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return {"tok_s": max(rates), "rss_mib": _rss_mib(), "loaded_rss_mib": loaded_rss}
+
+
+def child_quantize(src: str, dst: str, kind: str) -> dict:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPE[kind]
+    params.nthread = 2
+    part = dst + ".part"
+    if llama_cpp.llama_model_quantize(src.encode(), part.encode(), params) != 0:
+        raise SystemExit(f"llama_model_quantize failed for {src}")
+    Path(part).rename(dst)
+    return {}
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --------------------------------------------------------------------------- parent
+def run_child(python: Path, args: list[str], timeout: float = 1800) -> dict:
+    done = subprocess.run([str(python), str(Path(__file__).resolve()), "--child", *args],
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else
+                           f"exit {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def export(checkpoint: Path, out: Path, precision: str, calib_tokens: int) -> Path:
+    if (out / "mixbuild.json").is_file():
+        return out
+    cmd = [sys.executable, "-m", "mixbuild", "export", str(checkpoint), "-o", str(out),
+           "--overwrite"]
+    if precision != "fp32":
+        cmd += ["--precision", precision, "--calib-tokens", str(calib_tokens)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return out
+
+
+def ggufs(name: str, checkpoint: Path, work: Path, logs: Path) -> dict[str, Path]:
+    import serving
+
+    python = serving.venv_python("llama")
+    f32 = serving.gguf_file(name, checkpoint, work, logs / f"gguf-{name}.log")
+    files = {"f32": f32, "q8_0": work / f"{name}-q8_0.gguf", "q4_0": work / f"{name}-q4_0.gguf"}
+    if not files["q8_0"].is_file():
+        src = serving.llama_sources()
+        code = (f"import sys; sys.path[:0] = [{str(src)!r}, {str(src / 'gguf-py')!r}]\n"
+                "import conversion.base as b; b.TextModel.get_vocab_base_pre = lambda s, t: 'gpt-2'\n"
+                "import convert_hf_to_gguf as c\n"
+                f"sys.argv = ['c', {str(checkpoint)!r}, '--outfile', {str(files['q8_0']) + '.part'!r},"
+                " '--outtype', 'q8_0']\nc.main()\n")
+        subprocess.run([str(python), "-c", code], check=True, capture_output=True)
+        Path(str(files["q8_0"]) + ".part").rename(files["q8_0"])
+    if not files["q4_0"].is_file():
+        run_child(python, ["quantize", str(f32), str(files["q4_0"]), "q4_0"])
+    return files
+
+
+def size_mib(path: Path) -> float:
+    paths = [path] if path.is_file() else [p for p in path.iterdir() if p.name.startswith("model.onnx")]
+    return sum(p.stat().st_size for p in paths) / 2**20
+
+
+def bench(args) -> list[dict]:
+    import serving
+    from generation import bench_models
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    rows = []
+    llama_error = None
+    try:
+        serving.ensure_peer("llama", not args.no_setup, logs)
+    except Exception as exc:
+        llama_error = str(exc)
+    for name, checkpoint in bench_models(work, args.skip_large):
+        serving.add_tokenizer(checkpoint)
+        fp32_rate = None
+        for precision in MIXBUILD:
+            artifact = export(checkpoint, work / f"{name}-concat-{precision}", precision,
+                              args.calib_tokens)
+            variants = [(precision, False)] + ([(f"{precision} body", True)] if precision != "fp32" else [])
+            for label, body in variants:
+                tokens = args.body_tokens if body else args.new_tokens
+                try:
+                    r = run_child(Path(sys.executable),
+                                  ["mixbuild", str(artifact), str(args.threads), str(tokens),
+                                   str(args.repeats), str(int(body))])
+                except Exception as exc:
+                    rows.append({"model": name, "engine": "mixbuild", "precision": label, "error": str(exc)})
+                    continue
+                fp32_rate = fp32_rate or r["tok_s"]
+                rows.append({"model": name, "engine": "mixbuild", "precision": label,
+                             "tok_s": r["tok_s"], "rss_mib": r["rss_mib"], "file_mib": size_mib(artifact),
+                             "kernels": r["kernels"]})
+                print(_line(rows[-1], fp32_rate), flush=True)
+        if llama_error:
+            rows.append({"model": name, "engine": "llama.cpp", "precision": "-", "error": llama_error})
+            continue
+        try:
+            files = ggufs(name, checkpoint, work, logs)
+        except Exception as exc:
+            rows.append({"model": name, "engine": "llama.cpp", "precision": "-", "error": str(exc)})
+            continue
+        for kind in LLAMA:
+            try:
+                r = run_child(serving.venv_python("llama"),
+                              ["llama", str(files[kind]), str(args.threads), str(args.new_tokens),
+                               str(args.repeats)])
+            except Exception as exc:
+                rows.append({"model": name, "engine": "llama.cpp", "precision": kind, "error": str(exc)})
+                continue
+            rows.append({"model": name, "engine": "llama.cpp", "precision": kind, "tok_s": r["tok_s"],
+                         "rss_mib": r["rss_mib"], "file_mib": size_mib(files[kind])})
+            print(_line(rows[-1], fp32_rate), flush=True)
+        for row in rows:
+            if row["model"] == name and "tok_s" in row and fp32_rate:
+                row["vs_mixbuild_fp32"] = row["tok_s"] / fp32_rate
+    return rows
+
+
+def _line(row: dict, fp32: float | None) -> str:
+    ratio = f"{row['tok_s'] / fp32:.2f}x" if fp32 else "-"
+    return (f"  {row['model']:12} {row['engine']:9} {row['precision']:10} {row['tok_s']:8.1f} tok/s "
+            f"({ratio} mixbuild fp32)  RSS {row['rss_mib']:.0f} MiB  file {row['file_mib']:.0f} MiB")
+
+
+def render(rows: list[dict]) -> str:
+    lines = ["| model | engine | precision | decode tok/s | vs mixbuild fp32 | peak RSS MiB "
+             "| weights file MiB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['engine']} | {r['precision']} | "
+                         f"failed: {r['error'][:120]} | | | |")
+            continue
+        ratio = f"{r['vs_mixbuild_fp32']:.2f}x" if "vs_mixbuild_fp32" in r else "-"
+        lines.append(f"| {r['model']} | {r['engine']} | {r['precision']} | {r['tok_s']:.1f} | {ratio} | "
+                     f"{r['rss_mib']:.0f} | {r['file_mib']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        ok = [r for r in rows if r["model"] == model and "tok_s" in r]
+        labels = [f"{r['engine']}\n{r['precision']}" for r in ok]
+        colors = ["tab:blue" if r["engine"] == "mixbuild" else "tab:orange" for r in ok]
+        ax.bar(range(len(ok)), [r["tok_s"] for r in ok], color=colors)
+        ax.set_xticks(range(len(ok)), labels, fontsize=7)
+        ax.set_ylabel("decode tokens/s (batch 1)")
+        ax.set_yscale("log")
+        ax.set_title(model)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--body-tokens", type=int, default=16, help="tokens for the slow 'body' runs")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--calib-tokens", type=int, default=512)
+    p.add_argument("--skip-large", action="store_true")
+    p.add_argument("--no-setup", action="store_true", help="do not build llama.cpp's venv")
+    p.add_argument("--workdir", default=str(ROOT / "benchmarks" / ".venvs" / "work"))
+    p.add_argument("--out", default=".")
+    p.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        kind, *rest = args.child
+        if kind == "mixbuild":
+            result = child_mixbuild(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), rest[4] == "1")
+        elif kind == "llama":
+            result = child_llama(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
+        else:
+            result = child_quantize(*rest)
+        print(json.dumps(result))
+        return
+    rows = bench(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = render(rows)
+    print(table)
+    (out / "quantized_decode.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, out / "quantized_decode.png")
+    print(f"wrote {out / 'quantized_decode.json'} and {out / 'quantized_decode.png'}")
+
+
+if __name__ == "__main__":
+    main()
