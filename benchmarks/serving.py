@@ -335,6 +335,7 @@ class Load:
     threads: int
     point_timeout_s: float
     rounds: int
+    serve_args: tuple[str, ...] = ()     # extra `mixbuild serve` options (both mixbuild servers)
 
     @property
     def context(self) -> int:
@@ -356,6 +357,7 @@ def server_command(server: str, model: str, checkpoint: Path, work: Path, load: 
         for flag, values in (("--threads", [str(load.threads)]), ("--no-access-log", [])):
             if flag in text:
                 cmd += [flag, *values]
+        cmd += list(load.serve_args)
         return cmd + (["--no-batching"] if server == "threads" else []), {}
     ensure_peer(server, allow_setup, logs)
     if server == "vllm":
@@ -746,6 +748,8 @@ def parse_args() -> argparse.Namespace:
                         help=f"Comma-separated, from {', '.join(SERVERS)}.")
     parser.add_argument("--clients", default="1,4,16,32", help="Concurrent client counts.")
     parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--serve-args", default="",
+                        help="Extra `mixbuild serve` options, e.g. '--step-tokens 1024'.")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="Compute threads of every server.")
@@ -799,7 +803,7 @@ def main() -> None:
     from generation import bench_models
 
     load = Load(args.clients, args.requests_per_client, args.prompt_tokens, args.output_tokens,
-                args.threads, args.point_timeout, args.rounds)
+                args.threads, args.point_timeout, args.rounds, tuple(args.serve_args.split()))
     points: list[Point] = []
     skip_large = args.skip_large or GOAL_MODEL not in args.models
     for model, checkpoint in bench_models(work, skip_large):

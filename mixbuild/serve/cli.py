@@ -28,7 +28,7 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
                    "at most 4096].")
 @click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
               help="Requests that may wait for a slot; past that the server answers 429.")
-@click.option("--step-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+@click.option("--step-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Tokens one scheduler iteration feeds at most (decodes first, then chunks "
                    "of prompts).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -83,7 +83,7 @@ def serve(model_dir: str, host: str, port: int, max_batch: int, max_context: int
 
 def open_model(model_dir: str, *, backend: str = "auto", no_batching: bool = False,
                max_batch: int = 8, max_context: int | None = None, max_queue: int = 256,
-               step_tokens: int = 256, threads: int | None = None, device: str | None = None):
+               step_tokens: int = 1024, threads: int | None = None, device: str | None = None):
     """The Model the server runs: a serving-layout artifact (ort), a checkpoint (torch, in
     the serving layout) or an engine built from a serving-layout artifact (trt, CUDA) behind
     the continuous-batching scheduler; with no_batching, any artifact, checkpoint or engine

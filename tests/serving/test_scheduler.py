@@ -283,3 +283,21 @@ def test_a_closed_model_refuses_new_requests(serving_dir):
     assert refused.value.reason == Overloaded.SHUTTING_DOWN
     with pytest.raises(Overloaded, match="the model is closed"):
         model.generate_ids([PROMPTS[2]], max_new_tokens=2)
+
+
+def test_a_burst_is_admitted_together(serving_dir):
+    """Requests arriving a millisecond apart wait for each other (a few ms at most) and prefill
+    in one step; with the window off, the first starts alone."""
+    for window, together in ((0.05, True), (0.0, False)):
+        model = scheduled(serving_dir, max_batch=4)
+        scheduler = model.scheduler
+        scheduler.admit_window_s, scheduler.admit_max_s = window, 0.5
+        handles = []
+        for prompt in PROMPTS[:3]:
+            handles.append(model.submit_ids(prompt, max_new_tokens=2))
+            time.sleep(0.005)
+        for h in handles:
+            h.result(timeout=30)
+        first = model.step.calls[0]
+        assert (len(first) == 3) is together, (window, model.step.calls[:3])
+        model.close()
