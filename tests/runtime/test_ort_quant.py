@@ -125,3 +125,30 @@ def test_the_serving_layout_combines_both_rewrites(fixture_dir, tmp_path):
         logits.append(step.run(np.array([prompt]), np.arange(len(prompt))[None],
                                np.array([len(prompt)]), cache))
     assert np.abs(logits[0] - logits[1]).max() < 1e-4 * np.abs(logits[1]).max()
+
+
+@pytest.mark.parametrize("precision, group, fused", [
+    ("int4", 32, True),
+    ("int4", 8, False),                      # group 8 < QMoE's 16: the body stays
+    ("fp8", None, True),
+])
+def test_other_groups_one_token_and_empty_experts(fixture_dir, tmp_path, precision, group, fused):
+    """The fast kernels agree with the bodies at other group sizes, on a one-token prompt and a
+    ragged batch (most experts get no token)."""
+    from mixbuild.quant.config import QuantConfig
+
+    extra = {"group_size": group} if group else {}
+    quant = QuantConfig.parse(precision, calib_tokens=64, calib_seq_len=32, gptq=False, **extra)
+    artifact = export_checkpoint(fixture_dir, tmp_path / "a", quant=quant, progress=False)
+    fast = OrtRunner(artifact, threads=1)
+    body = OrtRunner(artifact, threads=1, fast_quantized=False)
+    vocab = fast.spec.vocab_size
+    for prompts in ([[3]], [[1, 5, 9, 2, 7], [4], [6, 8]]):
+        ids, mask = left_pad([[t % vocab for t in p] for p in prompts], 0)
+        got = fast.infer(prefill_feeds(fast.spec, ids, mask))[LOGITS]
+        want = body.infer(prefill_feeds(body.spec, ids, mask))[LOGITS]
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    if precision == "int4":
+        assert ("QMoE" in fast.kernels["experts"]) is fused, fast.kernels
+        if not fused:
+            assert any("group size 8" in n for n in fast.kernels["notes"])
