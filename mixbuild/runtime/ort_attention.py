@@ -112,14 +112,19 @@ def _shared_inputs(helper, TensorProto):
     return nodes, "mb_gqa_seqlens_k", "mb_gqa_total"
 
 
+def upstream(producers: dict, values) -> set[int]:
+    """ids of the nodes that `values` (value names) depend on, given value -> producing node."""
+    found, stack = set(), list(values)
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None or id(node) in found:
+            continue
+        found.add(id(node))
+        stack.extend(i for i in node.input if i)
+    return found
+
+
 def _reachable(nodes: list, outputs: set[str]) -> list:
     """The nodes some graph output depends on, in their order (drops the unused mask subgraph)."""
-    producer = {out: n for n in nodes for out in n.output}
-    needed, stack = set(), list(outputs)
-    while stack:
-        node = producer.get(stack.pop())
-        if node is None or id(node) in needed:
-            continue
-        needed.add(id(node))
-        stack.extend(i for i in node.input if i)
+    needed = upstream({out: n for n in nodes for out in n.output}, outputs)
     return [n for n in nodes if id(n) in needed]

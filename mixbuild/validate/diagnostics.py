@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 from mixbuild.contract import DOMAIN, EXPERTS_OP, GATE_OP, INPUT_LENGTHS, LOGITS, Debug
 from mixbuild.errors import ArtifactError
+from mixbuild.runtime.ort_attention import upstream
 
 ALL_LOGITS = "mb_validate.all_logits"   # serving layout: [B*S, V] (row-major over [B, S])
 _SHAPE_ONLY = ("Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Cast")
@@ -135,7 +136,7 @@ def _second_head(graph) -> None:
     producers = {out: node for node in graph.node for out in node.output}
     gather = _last_token_gather(graph, producers)
     hidden_in = gather.input[0]
-    between = _upstream_of(producers, LOGITS) & _downstream(graph, gather.output[0])
+    between = upstream(producers, [LOGITS]) & _downstream(graph, gather.output[0])
     head = [n for n in graph.node if id(n) in between]
     squeeze = next((n for n in head if n.op_type == "Squeeze" and n.input[0] == gather.output[0]),
                    None)
@@ -180,24 +181,13 @@ def _downstream(graph, value: str) -> set:
 
 def _last_token_gather(graph, producers):
     """The serving graph's GatherElements of each row's last valid position (input_lengths - 1)."""
-    upstream = _upstream_of(producers, LOGITS)
+    before_logits = upstream(producers, [LOGITS])
     for node in graph.node:
-        if node.op_type in ("GatherElements", "Gather") and id(node) in upstream and \
+        if node.op_type in ("GatherElements", "Gather") and id(node) in before_logits and \
                 INPUT_LENGTHS in _inputs_above(producers, node.input[1]):
             return node
     raise ArtifactError("the serving graph has no last-token gather before the lm_head",
                         hint="validate artifacts written by `mixbuild export --layout serving`")
-
-
-def _upstream_of(producers, value: str) -> set:
-    found, stack = set(), [value]
-    while stack:
-        node = producers.get(stack.pop())
-        if node is None or id(node) in found:
-            continue
-        found.add(id(node))
-        stack.extend(i for i in node.input if i)
-    return found
 
 
 def _inputs_above(producers, value: str) -> set:
