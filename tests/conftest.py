@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
+
+# Triton reads TRITON_INTERPRET when a @triton.jit function is defined, and some libraries the
+# tests import define theirs at import time (compressed-tensors does, at collection): set it
+# here, before any test module is imported, so every kernel runs in the CPU interpreter
+# (tests/plugins/conftest.py relies on it too).
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch

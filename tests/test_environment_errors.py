@@ -305,7 +305,7 @@ def test_a_path_that_does_not_exist(ckpt, fixture_fp32_artifact, tmp_path):
         ("export", missing, "-o", tmp_path / "out"): "error: checkpoint directory not found",
         ("engine", missing, "-o", tmp_path / "e", *ENGINE_ARGS): "error: artifact directory not found",
         ("validate", missing, "--reference", ckpt, "-o", tmp_path / "r"):
-            "error: artifact directory not found",
+            "error: model directory not found",      # an artifact, checkpoint or engine
         ("validate", fixture_fp32_artifact, "--reference", missing, "-o", tmp_path / "r"):
             "error: checkpoint directory not found",
         ("validate", fixture_fp32_artifact, "--reference", ckpt, "--prompts", missing / "p.txt",
