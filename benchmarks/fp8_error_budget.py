@@ -258,7 +258,7 @@ def main() -> int:
     sets = evaluation_sets(FIXTURE / "tokenizer.json", spec.bos_token_id, args.held_out_sequences)
     with tempfile.TemporaryDirectory() as tmp:
         artifact = export_checkpoint(FIXTURE, Path(tmp) / "fp8", quant=QuantConfig.parse("fp8"),
-                                     progress=False)
+                                     layout="concat", progress=False)
         ort = OrtRunner(artifact, threads=args.threads, spinning=False)
         emulation = Fp8Emulation(artifact, FIXTURE)
         models = {row.name: emulation.model(row) for row in ROWS}

@@ -225,7 +225,7 @@ def main() -> None:
         for name, checkpoint in bench_models(work, args.skip_large):
             artifact = work / f"{name}-fp32"
             if not artifact.is_dir():
-                export_checkpoint(checkpoint, artifact, dtype="fp32", progress=False)
+                export_checkpoint(checkpoint, artifact, dtype="fp32", layout="concat", progress=False)
             rows += compare(name, checkpoint, artifact, args)
     print(f"\nthreads={args.threads} (torch and ONNX Runtime), new tokens={args.new_tokens}, "
           f"greedy, fp32, CPU, median of {args.repeats} runs, best of {args.rounds} "

@@ -184,7 +184,7 @@ def measure_model(name: str, checkpoint: Path, work: Path, args) -> dict:
     from mixbuild.exporter.export import export_checkpoint
 
     artifacts = {}
-    for kind, options in (("concat", {}), ("serving", {"layout": "serving"}),
+    for kind, options in (("concat", {"layout": "concat"}), ("serving", {"layout": "serving"}),
                           ("serving-all", {"layout": "serving", "all_logits": True})):
         path = work / f"{name}-{kind}"
         if not path.is_dir():

@@ -139,7 +139,7 @@ def mixbuild_row(precision: str, work: Path, reference, batches, args) -> Row:
 
     out = work / f"mixbuild-{precision}"
     start = time.perf_counter()
-    export_checkpoint(FIXTURE, out, dtype="fp32", debug_outputs=True, overwrite=True,
+    export_checkpoint(FIXTURE, out, dtype="fp32", layout="concat", debug_outputs=True, overwrite=True,
                       quant=QuantConfig.parse(precision), progress=False)
     row = Row(precision, "mixbuild (AWQ + GPTQ)" if precision == "int4" else "mixbuild",
               seconds=time.perf_counter() - start)

@@ -145,7 +145,7 @@ def export(checkpoint: Path, out: Path, precision: str, calib_tokens: int) -> Pa
     if (out / "mixbuild.json").is_file():
         return out
     cmd = [sys.executable, "-m", "mixbuild", "export", str(checkpoint), "-o", str(out),
-           "--overwrite"]
+           "--layout", "concat", "--overwrite"]
     if precision != "fp32":
         cmd += ["--precision", precision, "--calib-tokens", str(calib_tokens)]
     subprocess.run(cmd, check=True, capture_output=True)

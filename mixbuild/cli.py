@@ -156,11 +156,12 @@ def _refuse_unused_options(ctx: click.Context, precision: str) -> None:
 @click.option("--debug-outputs", is_flag=True,
               help="Also output per-layer router logits, chosen experts and hidden states "
                    "(for `mixbuild validate`).")
-@click.option("--layout", type=click.Choice(["concat", "serving"]), default="concat",
-              show_default=True,
-              help="KV-cache contract: concat (past in, present out; Optimum / onnxruntime-genai "
-                   "names) or serving (one fixed-capacity cache per layer updated in place, "
-                   "per-row lengths, last-token logits; docs/contract.md).")
+@click.option("--layout", type=click.Choice(["serving", "concat"]), default=None,
+              help="KV-cache contract: serving (the default; one fixed-capacity cache per layer "
+                   "updated in place, per-row lengths, last-token logits; what `mixbuild serve` "
+                   "and continuous batching need) or concat (past in, present out; the names "
+                   "Optimum and onnxruntime-genai read, with genai_config.json and config.json "
+                   "written for them). docs/contract.md.")
 @click.option("--all-logits", is_flag=True,
               help="Serving layout: return the logits of every position, not only the last.")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "hf", "hf-modelopt"]), default="onnx",

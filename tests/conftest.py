@@ -21,6 +21,20 @@ from mixbuild.model.presets import PRESETS
 FIXTURE = Path(__file__).resolve().parents[1] / "mixbuild" / "fixtures" / "tiny-code"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def concat_by_default():
+    """Tests written against the concat layout (past in, present out: most of the runtime,
+    exporter, validate and builder tests) export it when they name no layout; the serving
+    layout is exported by name where it is tested, and mixbuild's real default (serving) in
+    a fresh process by tests/exporter/test_export.py::test_the_default_layout_is_serving."""
+    from mixbuild.contract import Layout
+    from mixbuild.exporter import export
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export, "DEFAULT_LAYOUT", Layout.CONCAT)
+        yield
+
+
 def save_hf_checkpoint(spec, out: Path, dtype=torch.float32, shard_kb: int | None = 64,
                        seed: int = 0, init_std: float = 0.08) -> Path:
     """A random MixtralForCausalLM for `spec`, saved with save_pretrained (sharded by default)."""

@@ -98,9 +98,12 @@ def io_table(spec: MixtralSpec, dtype: DType, debug: bool, layout: Layout = Layo
     return {"inputs": [t.to_dict() for t in inputs], "outputs": [t.to_dict() for t in outputs]}
 
 
+DEFAULT_LAYOUT = Layout.SERVING   # what runtime, builder and server are built around
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp32",
                       debug_outputs: bool = False, overwrite: bool = False,
-                      progress: bool = True, quant=None, layout: str | Layout = Layout.CONCAT,
+                      progress: bool = True, quant=None, layout: str | Layout | None = None,
                       all_logits: bool = False, format: str | ExportFormat = ExportFormat.ONNX
                       ) -> Path:
     """Export a checkpoint directory to an artifact directory; returns the artifact path.
@@ -109,22 +112,24 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
     `quant`; mixbuild/exporter/hf.py: compressed-tensors, or NVIDIA's unified FP8 format), from
     the same calibration and QuantStore tensors as the ONNX artifact.
 
-    `layout` is the KV-cache contract (docs/contract.md): "concat" (past in, present out) or
-    "serving" (a fixed-capacity cache updated in place, per-row lengths, last-token logits;
-    `all_logits` keeps the logits of every position, as the validator needs).
+    `layout` is the KV-cache contract (docs/contract.md): "serving" (the default: a
+    fixed-capacity cache updated in place, per-row lengths, last-token logits; `all_logits`
+    keeps the logits of every position) or "concat" (past in, present out: the names Optimum
+    and onnxruntime-genai read).
 
     `quant` (a mixbuild.quant.config.QuantConfig) makes an FP8 or INT4 artifact: calibrated
     layer by layer, then the graph is rewritten with lazily quantized weights.
     """
     out = Path(out)
     export_dtype = parse_dtype(dtype)
-    layout = Layout.parse(layout)
+    explicit_layout = layout is not None
+    layout = Layout.parse(layout) if explicit_layout else DEFAULT_LAYOUT
     fmt = ExportFormat.parse(format)
     if fmt is not ExportFormat.ONNX:
         from mixbuild.exporter.hf import export_hf_checkpoint
 
         onnx_only = {"--debug-outputs": debug_outputs, "--all-logits": all_logits,
-                     "--layout serving": layout is Layout.SERVING}
+                     f"--layout {layout.value}": explicit_layout}
         for flag, used in onnx_only.items():
             if used:
                 raise UsageError(f"{flag} is an option of the ONNX artifact",

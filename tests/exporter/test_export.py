@@ -177,3 +177,22 @@ def test_moe_bodies_match_onnxruntime_contrib_moe():
     got, ref = ort.InferenceSession(model.SerializeToString()).run(None, feeds)
     assert np.abs(got - ref).max() < 1e-4
     assert np.abs(ref).max() > 0.1  # a real signal, not two zero tensors
+
+
+def test_the_default_layout_is_serving(fixture_dir, tmp_path):
+    """`mixbuild export` without --layout writes the serving layout, which validate runs (in a
+    fresh process: the suite's own exports default to concat, tests/conftest.py)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "default"
+    done = subprocess.run([sys.executable, "-m", "mixbuild", "export", str(fixture_dir), "-o",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads((out / "mixbuild.json").read_text())
+    assert manifest["layout"] == "serving" and not (out / "genai_config.json").exists()
+    done = subprocess.run([sys.executable, "-m", "mixbuild", "validate", str(out), "--reference",
+                           str(fixture_dir), "--max-sequences", "2", "--max-tokens", "64",
+                           "--steps", "4", "--no-plot", "-o", str(tmp_path / "report")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
