@@ -35,6 +35,7 @@ from mixbuild.contract import (
     kv_pairs,
 )
 from mixbuild.runtime.runner import greedy_steps, positions_from_mask, prefill_feeds
+from mixbuild.runtime.steps import right_align
 from mixbuild.validate import metrics as M
 from mixbuild.validate.data import Batch
 
@@ -100,9 +101,7 @@ class ServingModel:
             counts = np.maximum(stop - first, 0).astype(np.int64)
             written = np.maximum(start - pad, 0).astype(np.int64)
             n = stop - start
-            right = np.zeros((rows, n), np.int64)
-            for r in range(rows):
-                right[r, :counts[r]] = ids[r, first[r]:stop]
+            right = right_align(ids[:, start:stop], counts)   # a row's real tokens end the chunk
             positions = written[:, None] + np.arange(n)[None, :]
             # GroupQueryAttention takes several new tokens over a filled cache one row at a time
             groups = [slice(0, rows)] if not written.any() or rows == 1 else \
