@@ -145,10 +145,9 @@ _ids = itertools.count()
 class _Slot:
     """A running request: how much of its prompt is in the cache, the token to feed next."""
 
-    def __init__(self, handle: Handle, order: int) -> None:
+    def __init__(self, handle: Handle) -> None:
         self.handle = handle
         self.request = handle.request
-        self.order = order
         self.fed = 0                     # prompt tokens already in the cache
         self.next_token: int | None = None
         self.last_at = 0.0
@@ -182,7 +181,6 @@ class Scheduler:
         self._slots: list[_Slot] = []
         self._cond = threading.Condition()
         self._closing = False
-        self._order = itertools.count()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -290,7 +288,7 @@ class Scheduler:
             handle = self._waiting.popleft()
             row = len(self._slots)
             self.cache.lengths[row] = 0
-            self._slots.append(_Slot(handle, next(self._order)))
+            self._slots.append(_Slot(handle))
 
     def _free(self, row: int) -> None:
         """Release slot `row`: the last running row moves into it (its valid positions only)."""
@@ -313,7 +311,7 @@ class Scheduler:
         # fixed capacity may have none)
         budget = min(budget, self.cache.capacity - int(self.cache.lengths[:len(counts)].max()))
         prefilling = sorted((i for i, s in enumerate(self._slots) if not s.decoding),
-                            key=lambda i: self._slots[i].order)
+                            key=lambda i: self._slots[i].handle.id)   # ids follow submission
         for i in prefilling:
             slot = self._slots[i]
             n = min(len(slot.request.prompt_ids) - slot.fed, budget)
