@@ -21,6 +21,27 @@ SMOOTHING_FILE = "smoothing.safetensors"
 _NUMPY = {1: np.float32, 10: np.float16, 2: np.uint8, 17: np.uint8, 16: np.uint16, 22: np.uint8}
 
 
+def initializer_array(tensor, directory: Path) -> np.ndarray:
+    """An initializer (onnx TensorProto, its data in the file `directory` holds or inline) as
+    numpy: fp8 as uint8 bit patterns, int4 as packed bytes [..., K/2], bfloat16 as float32."""
+    import onnx
+    from onnx import numpy_helper
+
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {e.key: e.value for e in tensor.external_data}
+    dtype = _NUMPY[tensor.data_type]
+    data = np.memmap(directory / info["location"], dtype=np.uint8, mode="r",
+                     offset=int(info.get("offset", 0)), shape=(int(info["length"]),))
+    array = np.array(data).view(dtype)
+    dims = list(tensor.dims)
+    if tensor.data_type == 16:  # bfloat16 -> float32
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    if tensor.data_type == onnx.TensorProto.INT4:  # packed: two values per byte along K
+        dims[-1] //= 2
+    return array.reshape(tuple(dims))
+
+
 class ArtifactWeights:
     def __init__(self, artifact: Artifact) -> None:
         import onnx
@@ -39,26 +60,11 @@ class ArtifactWeights:
 
     def array(self, name: str) -> np.ndarray:
         """One initializer as numpy (fp8 as uint8 bit patterns, int4 as packed bytes)."""
-        import onnx
-        from onnx import numpy_helper
-
         tensor = self.tensors.get(name)
         if tensor is None:
             raise ArtifactError(f"artifact has no initializer '{name}'",
                                 hint="the artifact was not made by this version of mixbuild")
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            return numpy_helper.to_array(tensor)
-        info = {e.key: e.value for e in tensor.external_data}
-        dtype = _NUMPY[tensor.data_type]
-        data = np.memmap(self.artifact.path / info["location"], dtype=np.uint8, mode="r",
-                         offset=int(info.get("offset", 0)), shape=(int(info["length"]),))
-        array = np.array(data).view(dtype)
-        dims = list(tensor.dims)
-        if tensor.data_type == 16:  # bfloat16 -> float32
-            array = (array.astype(np.uint32) << 16).view(np.float32)
-        if tensor.data_type == onnx.TensorProto.INT4:  # packed: two values per byte along K
-            dims[-1] //= 2
-        return array.reshape(tuple(dims))
+        return initializer_array(tensor, self.artifact.path)
 
     def experts(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(w_gate_up [E, 2I, H], w_down [E, H, I]) float32, as the model computes with them."""

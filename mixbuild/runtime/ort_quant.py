@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from mixbuild.contract import DOMAIN, EXPERTS_OP, GATE_OP
+from mixbuild.exporter.weights import initializer_array
 
 W4A16 = 1          # MatMulNBits / QMoE accuracy_level: float32 activations
 MATMULNBITS_LEVEL = "session.qdq_matmulnbits_accuracy_level"
@@ -69,26 +70,6 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _external_bytes(tensor, directory: Path) -> np.ndarray:
-    """The raw bytes of an initializer stored in the artifact's external data file (read, not
-    mapped: the caller transforms them into a new array anyway)."""
-    info = {e.key: e.value for e in tensor.external_data}
-    if tensor.HasField("raw_data"):
-        return np.frombuffer(tensor.raw_data, np.uint8)
-    offset, length = int(info.get("offset", 0)), int(info["length"])
-    with open(directory / info["location"], "rb") as f:
-        f.seek(offset)
-        return np.frombuffer(f.read(length), np.uint8)
-
-
-def _float(tensor, directory: Path, dtype: np.dtype) -> np.ndarray:
-    from onnx import helper
-
-    source = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    values = _external_bytes(tensor, directory).view(source).reshape(tuple(tensor.dims))
-    return np.ascontiguousarray(values.astype(dtype))
-
-
 def _qmoe_eligible(experts, gate, inits: dict) -> str | None:
     """Why this MoE cannot become QMoE (None: it can)."""
     from onnx import TensorProto
@@ -108,6 +89,8 @@ def _qmoe_eligible(experts, gate, inits: dict) -> str | None:
     w_gate_up, w_down = inits[names[0]], inits[names[1]]
     if w_gate_up.data_type != TensorProto.INT4 or w_down.data_type != TensorProto.INT4:
         return "weights are not INT4 tensors"
+    if any(t.data_location != TensorProto.EXTERNAL for t in (w_gate_up, w_down)):
+        return "weights are not in the external data file (packed bytes expected)"
     group = int(attrs.get("group_size", 0))
     hidden, inter = w_gate_up.dims[2], w_down.dims[2]
     if group < 16 or group & (group - 1) or hidden % group or inter % group:
@@ -139,16 +122,16 @@ def rewrite_int4_experts(model, directory: Path, act_dtype, accuracy_level: int 
             continue
         act = np.dtype(act_dtype)
         w_gate_up, w_down, s_gate_up, s_down = (inits[n] for n in node.input[3:7])
-        experts, rows, hidden = w_gate_up.dims
+        experts, rows, _ = w_gate_up.dims
         inter = rows // 2
-        fc1 = _external_bytes(w_gate_up, directory).reshape(experts, rows, hidden // 2) ^ 0x88
-        fc1_scale = _float(s_gate_up, directory, act)
+        fc1 = initializer_array(w_gate_up, directory) ^ 0x88          # packed [E, 2I, H/2]
+        fc1_scale = initializer_array(s_gate_up, directory).astype(act)
         # [gate | up] rows -> interleaved gate_0, up_0, gate_1, up_1, ... (swiglu_fusion=1)
         fc1 = fc1.reshape(experts, 2, inter, -1).transpose(0, 2, 1, 3).reshape(experts, rows, -1)
         fc1_scale = fc1_scale.reshape(experts, 2, inter, -1).transpose(0, 2, 1, 3).reshape(
             experts, rows, -1)
-        fc2 = _external_bytes(w_down, directory).reshape(w_down.dims[0], w_down.dims[1], -1) ^ 0x88
-        fc2_scale = _float(s_down, directory, act)
+        fc2 = initializer_array(w_down, directory) ^ 0x88             # packed [E, H, I/2]
+        fc2_scale = initializer_array(s_down, directory).astype(act)
         tag = f"mb_qmoe.{node.output[0]}"
         names = [f"{tag}.fc1", f"{tag}.fc1_scale", f"{tag}.fc2", f"{tag}.fc2_scale"]
         for name, array in zip(names, (fc1, fc1_scale, fc2, fc2_scale)):
