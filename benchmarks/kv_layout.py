@@ -19,11 +19,20 @@ slow each other down):
 - prefill time of one 1024-token prompt: concat (logits of every position, the only choice
   there), serving with last-token logits, and serving exported with --all-logits;
 - transformers' decode at batch 1 on the same checkpoint as the peer: (time of a generate()
-  call for N+1 tokens - time for 1 token) / N, after a prompt of each context length.
+  call for N+1 tokens - time for 1 token) / N, after a prompt of each context length;
+- llama.cpp's decode at batch 1 (llama-cpp-python in the bench-only venv that
+  `python benchmarks/serving.py --setup --servers llama` builds, on the checkpoint converted to
+  GGUF f32 by llama.cpp's own converter): the context is evaluated once, then --new-tokens
+  single-token `eval` calls are timed, the cache cut back to the context before each repeat
+  (llama-cpp-python's `n_tokens`; its eval drops the cache past it), and its 1024-token
+  prefill. `--no-llama` leaves it out.
 
-The serving cache capacity is 2048 positions (it holds 1900 + the new tokens). Each figure is
-the median of --repeats; the layouts alternate for --rounds rounds and each keeps its best.
-Prints a Markdown table and writes kv_layout.png (decode tokens/s against context).
+The serving cache capacity is 2048 positions (it holds 1900 + the new tokens), as is
+llama.cpp's n_ctx. Each figure is the median of --repeats; the engines alternate for --rounds
+rounds and each keeps its best. Prints a Markdown table, the issue's goals as met / not met,
+and writes kv_layout.png (decode tokens/s against context). Checkpoints, artifacts and GGUF
+files are kept in --workdir (default benchmarks/.venvs/work, shared with the other
+benchmarks).
 """
 
 from __future__ import annotations
@@ -33,7 +42,6 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -96,10 +104,42 @@ def serving_decode(step, batch: int, context: int, steps: int):
     return run
 
 
+def child_llama(args) -> dict:
+    """(Runs in the llama venv.) llama.cpp's batch-1 decode after each context, and its
+    prefill of PREFILL tokens."""
+    from llama_cpp import Llama
+
+    options = dict(model_path=str(args.artifact), n_ctx=CAPACITY, n_batch=512, seed=0,
+                   n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    try:   # quantized GGUFs have crashed in llama_decode with the extra buffer types on
+        llm = Llama(**options, use_extra_bufts=False)
+    except TypeError:
+        llm = Llama(**options)
+    out = {"decode": {}, "prefill_s": None}
+    for context in LENGTHS:
+        llm.reset()
+        llm.eval([7] * context)
+
+        def run(context=context):
+            llm.n_tokens = context           # eval drops the cache past n_tokens
+            for _ in range(args.new_tokens):
+                llm.eval([7])
+        out["decode"][f"{context}x1"] = args.new_tokens / _median_time(run, args.repeats)
+
+    def prefill():
+        llm.reset()
+        llm.eval([7] * PREFILL)
+    out["prefill_s"] = _median_time(prefill, args.repeats)
+    return out
+
+
 def child(args) -> None:
-    """One layout (or transformers) on one model: print one JSON line of measurements."""
+    """One layout (or a peer) on one model: print one JSON line of measurements."""
     import numpy as np
 
+    if args.child == "llama":
+        print(json.dumps(child_llama(args)))
+        return
     out = {"decode": {}, "prefill_s": {}}
     if args.child == "transformers":
         import torch
@@ -163,7 +203,10 @@ def child(args) -> None:
 
 
 def run_child(kind: str, checkpoint: Path, artifact: Path | None, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--checkpoint", str(checkpoint),
+    import serving
+
+    python = serving.venv_python("llama") if kind == "llama" else sys.executable
+    cmd = [str(python), __file__, "--child", kind, "--checkpoint", str(checkpoint),
            "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
            "--repeats", str(args.repeats)]
     if artifact is not None:
@@ -181,6 +224,8 @@ def best(runs: list[dict]) -> dict:
 
 
 def measure_model(name: str, checkpoint: Path, work: Path, args) -> dict:
+    import serving
+
     from mixbuild.exporter.export import export_checkpoint
 
     artifacts = {}
@@ -191,6 +236,11 @@ def measure_model(name: str, checkpoint: Path, work: Path, args) -> dict:
             export_checkpoint(checkpoint, path, progress=False, **options)
         artifacts[kind] = path
     artifacts["serving-std"] = artifacts["serving"]
+    if args.llama:
+        serving.add_tokenizer(checkpoint)     # the GGUF converter needs one
+        logs = work / "logs"
+        logs.mkdir(exist_ok=True)
+        artifacts["llama"] = serving.gguf_file(name, checkpoint, work, logs / f"gguf-{name}.log")
     runs = {kind: [] for kind in (*artifacts, "transformers")}
     for _ in range(args.rounds):
         for kind in runs:
@@ -201,28 +251,71 @@ def measure_model(name: str, checkpoint: Path, work: Path, args) -> dict:
 
 def render(results: dict) -> str:
     lines = ["| model | batch | context | concat tok/s | serving tok/s | serving / concat | "
-             "serving-std tok/s | transformers tok/s |", "|---|---|---|---|---|---|---|---|"]
+             "serving-std tok/s | transformers tok/s | llama.cpp tok/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         for batch in BATCHES:
             for context in LENGTHS:
                 key = f"{context}x{batch}"
                 c, s = r["concat"]["decode"][key], r["serving"]["decode"][key]
                 hf = r["transformers"]["decode"].get(key)
+                llama = r.get("llama", {}).get("decode", {}).get(key)
                 std = r["serving-std"]["decode"][key]
                 lines.append(f"| {name} | {batch} | {context} | {c:.1f} | {s:.1f} | {s / c:.2f}x | "
-                             f"{std:.1f} | {f'{hf:.1f}' if hf else '—'} |")
+                             f"{std:.1f} | {f'{hf:.1f}' if hf else '—'} | "
+                             f"{f'{llama:.1f}' if llama else '—'} |")
     lines += ["", "| model | decode at 1900 / at 16, batch 1: concat | serving | transformers | "
-              f"prefill {PREFILL} tokens: concat (all logits) | serving last-token | serving "
-              "all logits | all / last |", "|---|---|---|---|---|---|---|---|"]
+              f"llama.cpp | prefill {PREFILL} tokens: concat (all logits) | serving last-token | "
+              "serving all logits | all / last | llama.cpp |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        rel = {k: r[k]["decode"]["1900x1"] / r[k]["decode"]["16x1"]
-               for k in ("concat", "serving", "transformers")}
+        rel = relative(r)
         p = {k: r[k]["prefill_s"] for k in ("concat", "serving", "serving-all")}
+        llama = r.get("llama", {}).get("prefill_s")
         lines.append(f"| {name} | {rel['concat']:.2f}x | {rel['serving']:.2f}x | "
-                     f"{rel['transformers']:.2f}x | {p['concat'] * 1e3:.0f} ms | "
-                     f"{p['serving'] * 1e3:.0f} ms | {p['serving-all'] * 1e3:.0f} ms | "
-                     f"{p['serving-all'] / p['serving']:.2f}x |")
+                     f"{rel['transformers']:.2f}x | {_x(rel.get('llama'))} | "
+                     f"{p['concat'] * 1e3:.0f} ms | {p['serving'] * 1e3:.0f} ms | "
+                     f"{p['serving-all'] * 1e3:.0f} ms | {p['serving-all'] / p['serving']:.2f}x | "
+                     f"{f'{llama * 1e3:.0f} ms' if llama else '—'} |")
     return "\n".join(lines)
+
+
+def _x(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "—"
+
+
+def relative(r: dict) -> dict[str, float]:
+    """Batch-1 decode at 1900 tokens of context relative to 16, per engine."""
+    return {k: r[k]["decode"]["1900x1"] / r[k]["decode"]["16x1"]
+            for k in ("concat", "serving", "transformers", "llama") if k in r}
+
+
+# the issue's goals: (model, minimum relative decode of the serving layout at 1900 / 16)
+GOAL_RELATIVE = {"random-338M": 0.93, "fixture": 0.55}
+
+
+def goals(results: dict) -> list[str]:
+    """Each goal of the benchmark as a 'met' / 'NOT met' line, with the numbers."""
+    lines = []
+    for name, r in results.items():
+        rel = relative(r)
+        peers = {k: v for k, v in rel.items() if k in ("transformers", "llama")}
+        need = GOAL_RELATIVE.get(name)
+        if need is not None:
+            ok = rel["serving"] >= need and all(rel["serving"] >= v for v in peers.values())
+            lines.append(f"{name}: serving decode at 1900 / 16 = {rel['serving']:.2f}x (goal >= "
+                         f"{need}x and ahead of " + ", ".join(f"{k} {v:.2f}x" for k, v in peers.items())
+                         + f"): {'met' if ok else 'NOT met'}")
+        slower = [f"batch {key.split('x')[1]} at {key.split('x')[0]}: "
+                  f"{r['serving']['decode'][key] / r['concat']['decode'][key]:.2f}x"
+                  for key in r["concat"]["decode"] if int(key.split("x")[0]) >= 256
+                  and r["serving"]["decode"][key] <= r["concat"]["decode"][key]]
+        lines.append(f"{name}: serving faster than concat at every context >= 256: "
+                     + ("met" if not slower else "NOT met (" + "; ".join(slower) + ")"))
+        if name == "random-338M":
+            p = r["serving-all"]["prefill_s"] / r["serving"]["prefill_s"]
+            lines.append(f"{name}: prefill of {PREFILL} tokens, last-token logits {p:.2f}x faster than "
+                         f"all-position (goal >= 1.2x): {'met' if p >= 1.2 else 'NOT met'}")
+    return lines
 
 
 def plot(results: dict, path: Path) -> None:
@@ -239,6 +332,9 @@ def plot(results: dict, path: Path) -> None:
                         marker="o", label=f"{kind}, batch {batch}")
         ax.plot(LENGTHS, [r["transformers"]["decode"][f"{c}x1"] for c in LENGTHS], ":",
                 marker="s", label="transformers, batch 1")
+        if "llama" in r:
+            ax.plot(LENGTHS, [r["llama"]["decode"][f"{c}x1"] for c in LENGTHS], ":",
+                    marker="^", label="llama.cpp, batch 1")
         ax.set(title=name, xlabel="context (tokens)", ylabel="decode tokens/s", xscale="log")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -252,11 +348,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--skip-large", action="store_true", help="Only the trained fixture.")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="Keep the checkpoints and artifacts here (default: a temporary dir).")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".venvs" / "work",
+                        help="Keep the checkpoints, artifacts and GGUF files here.")
+    parser.add_argument("--no-llama", dest="llama", action="store_false",
+                        help="Leave llama.cpp out (it needs benchmarks/serving.py --setup --servers "
+                             "llama).")
     parser.add_argument("--png", type=Path, default=Path("kv_layout.png"))
     parser.add_argument("--child", choices=["concat", "serving", "serving-std", "serving-all",
-                                            "transformers"],
+                                            "transformers", "llama"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--artifact", type=Path, help=argparse.SUPPRESS)
@@ -265,16 +364,20 @@ def main() -> None:
         return child(args)
     from generation import bench_models
 
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.workdir or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        results = {name: measure_model(name, ckpt, work, args)
-                   for name, ckpt in bench_models(work, args.skip_large)}
+    if args.llama:
+        import serving
+
+        serving.ensure_peer("llama", allow_setup=False, logs=args.workdir)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results = {name: measure_model(name, ckpt, args.workdir, args)
+               for name, ckpt in bench_models(args.workdir, args.skip_large)}
     print(f"\nthreads={args.threads}, fp32, ONNX Runtime CPU, {args.new_tokens} decode steps, "
           f"serving capacity {CAPACITY}, median of {args.repeats}, best of {args.rounds} rounds\n")
     print(render(results))
+    print("\n" + "\n".join(goals(results)))
     plot(results, args.png)
-    print(f"\nplot: {args.png}")
+    args.png.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    print(f"\nplot: {args.png}; numbers: {args.png.with_suffix('.json')}")
 
 
 if __name__ == "__main__":

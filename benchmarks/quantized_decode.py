@@ -12,15 +12,20 @@ llama.cpp's quantizer, llama_model_quantize, from the f32 file). Every engine ru
 child process, batch 1, greedy, --new-tokens tokens after a short prompt, end-of-sequence
 ignored, --threads threads; the figure is the best of --repeats runs of the decode rate
 ((tokens - 1) / time from the first to the last token, so the prompt is left out on both
-sides), after one warm-up run.
+sides), after one warm-up run, and the best of --rounds such children run in turn (the
+engines alternate, so a slow spell of the machine does not hit one engine only).
 
-mixbuild's quantized artifacts run twice: on ONNX Runtime's fast kernels as `mixbuild run`
-and the runtime load them (int4 experts as QMoE, int4 linears as MatMulNBits at accuracy
-level 1, fp8 weights folded to float32 at load; mixbuild/runtime/ort_quant.py), and "body",
-the artifact's own portable function bodies (what every quantized artifact ran before:
-dequantize every expert on every call), with fewer tokens (it is slow). The resident memory
-(peak RSS of the child) is reported beside the file size: an int4 session should hold about
-the int4 bytes, the fp8 one holds float32 weights (folded at load).
+mixbuild's quantized artifacts run on ONNX Runtime's fast kernels as `mixbuild run` and the
+runtime load them (int4 experts as QMoE, int4 linears as MatMulNBits at accuracy level 1,
+fp8 weights folded to float32 at load; mixbuild/runtime/ort_quant.py), and as "body", the
+artifact's own portable function bodies (what every quantized artifact ran before:
+dequantize every expert on every call), with fewer tokens (it is slow). int4 also runs at
+accuracy level 4 ("A8": int8 activations, `--accuracy-level 4`, the numerics of llama.cpp's
+Q4_0 x Q8_0 dot products), and is exported twice more with lm_head quantized (`--lm-head int8`,
+`--lm-head int4`): on these small models the float32 lm_head is most of a token's weight
+bytes, and llama.cpp's Q4_0 files hold it in Q6_K. The resident memory (peak RSS of the child)
+is reported beside the file size: an int4 session should hold about the int4 bytes, the fp8
+one holds float32 weights (folded at load).
 
 llama.cpp lives in the bench-only venv of benchmarks/serving.py (`python
 benchmarks/serving.py --setup --servers llama` builds it: llama-cpp-python from source,
@@ -44,7 +49,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PROMPT = "def fibonacci(n):\n    "
-MIXBUILD = ("fp32", "fp8", "int4")
+# label -> (precision, extra export flags, accuracy level or "body")
+MIXBUILD = {
+    "fp32": ("fp32", (), 1),
+    "fp8": ("fp8", (), 1), "fp8 body": ("fp8", (), "body"),
+    "int4": ("int4", (), 1), "int4 A8": ("int4", (), 4), "int4 body": ("int4", (), "body"),
+    "int4, lm_head int8": ("int4", ("--lm-head", "int8"), 1),
+    "int4, lm_head int8, A8": ("int4", ("--lm-head", "int8"), 4),
+    "int4, lm_head int4": ("int4", ("--lm-head", "int4"), 1),
+    "int4, lm_head int4, A8": ("int4", ("--lm-head", "int4"), 4),
+}
 LLAMA = ("f32", "q8_0", "q4_0")
 LLAMA_FTYPE = {"q4_0": 2}          # llama.h: LLAMA_FTYPE_MOSTLY_Q4_0
 BATCH = 8                          # the batched figure (mixbuild only: llama-cpp-python's
@@ -52,21 +66,20 @@ BATCH = 8                          # the batched figure (mixbuild only: llama-cp
 
 
 # --------------------------------------------------------------------------- child processes
-def child_mixbuild(artifact: str, threads: int, tokens: int, repeats: int, body: bool) -> dict:
+def child_mixbuild(artifact: str, threads: int, tokens: int, repeats: int, mode: str) -> dict:
+    """mode: "1" / "4" (the fast kernels at that accuracy level) or "body"."""
     import mixbuild.runtime as rt
     from mixbuild.runtime.api import Model
     from mixbuild.runtime.ort_runner import OrtRunner
     from mixbuild.runtime.steps import FeedStep
 
-    model = rt.load(artifact, threads=threads, max_batch=BATCH)
-    kernels = None
-    if body:
+    model = rt.load(artifact, threads=threads, max_batch=BATCH,
+                    accuracy_level=1 if mode == "body" else int(mode))
+    if mode == "body":
         runner = OrtRunner(artifact, threads=threads, fast_quantized=False)
         model = Model(FeedStep(runner), runner.spec, model.tokenizer, model.defaults,
                       model.options, "ort")
-        kernels = runner.kernels
-    else:
-        kernels = getattr(getattr(model.step, "runner", None), "kernels", None)
+    kernels = getattr(getattr(model.step, "runner", None), "kernels", None)
     loaded_rss = _rss_mib()
     ids = _prompt_ids(model)
     rates, out = {1: [], BATCH: []}, None
@@ -141,11 +154,12 @@ def run_child(python: Path, args: list[str], timeout: float = 1800) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def export(checkpoint: Path, out: Path, precision: str, calib_tokens: int) -> Path:
+def export(checkpoint: Path, out: Path, precision: str, calib_tokens: int,
+           flags: tuple[str, ...] = ()) -> Path:
     if (out / "mixbuild.json").is_file():
         return out
     cmd = [sys.executable, "-m", "mixbuild", "export", str(checkpoint), "-o", str(out),
-           "--layout", "concat", "--overwrite"]
+           "--layout", "concat", "--overwrite", *flags]
     if precision != "fp32":
         cmd += ["--precision", precision, "--calib-tokens", str(calib_tokens)]
     subprocess.run(cmd, check=True, capture_output=True)
@@ -178,6 +192,8 @@ def size_mib(path: Path) -> float:
 
 
 def bench(args) -> list[dict]:
+    """Every engine x precision of every model, --rounds times in turn (each keeps its best:
+    decode on this shared 2-core machine swings from run to run, float32 most)."""
     import serving
     from generation import bench_models
 
@@ -193,54 +209,56 @@ def bench(args) -> list[dict]:
         llama_error = str(exc)
     for name, checkpoint in bench_models(work, args.skip_large):
         serving.add_tokenizer(checkpoint)
-        fp32_rate = None
-        for precision in MIXBUILD:
-            artifact = export(checkpoint, work / f"{name}-concat-{precision}", precision,
-                              args.calib_tokens)
-            variants = [(precision, False)] + ([(f"{precision} body", True)] if precision != "fp32" else [])
-            for label, body in variants:
-                tokens = args.body_tokens if body else args.new_tokens
-                try:
-                    r = run_child(Path(sys.executable),
-                                  ["mixbuild", str(artifact), str(args.threads), str(tokens),
-                                   str(args.repeats), str(int(body))])
-                except Exception as exc:
-                    rows.append({"model": name, "engine": "mixbuild", "precision": label, "error": str(exc)})
-                    continue
-                fp32_rate = fp32_rate or r["tok_s"]
-                rows.append({"model": name, "engine": "mixbuild", "precision": label,
-                             "tok_s": r["tok_s"], "tok_s_batch": r["tok_s_batch"],
-                             "rss_mib": r["rss_mib"], "file_mib": size_mib(artifact),
-                             "kernels": r["kernels"]})
-                print(_line(rows[-1], fp32_rate), flush=True)
+        jobs = []   # (row, python, child arguments)
+        for label, (precision, flags, mode) in MIXBUILD.items():
+            suffix = "".join(f"-{f.strip('-').replace('-', '')}" for f in flags)  # -lmhead-int8
+            artifact = export(checkpoint, work / f"{name}-concat-{precision}{suffix}", precision,
+                              args.calib_tokens, flags)
+            tokens = args.body_tokens if mode == "body" else args.new_tokens
+            jobs.append(({"model": name, "engine": "mixbuild", "precision": label,
+                          "file_mib": size_mib(artifact)}, Path(sys.executable),
+                         ["mixbuild", str(artifact), str(args.threads), str(tokens),
+                          str(args.repeats), str(mode)]))
         if llama_error:
             rows.append({"model": name, "engine": "llama.cpp", "precision": "-", "error": llama_error})
-            continue
-        try:
-            files = ggufs(name, checkpoint, work, logs)
-        except Exception as exc:
-            rows.append({"model": name, "engine": "llama.cpp", "precision": "-", "error": str(exc)})
-            continue
-        for kind in LLAMA:
+        else:
             try:
-                r = run_child(serving.venv_python("llama"),
-                              ["llama", str(files[kind]), str(args.threads), str(args.new_tokens),
-                               str(args.repeats)])
+                files = ggufs(name, checkpoint, work, logs)
             except Exception as exc:
-                rows.append({"model": name, "engine": "llama.cpp", "precision": kind, "error": str(exc)})
-                continue
-            rows.append({"model": name, "engine": "llama.cpp", "precision": kind, "tok_s": r["tok_s"],
-                         "rss_mib": r["rss_mib"], "file_mib": size_mib(files[kind])})
-            print(_line(rows[-1], fp32_rate), flush=True)
-        for row in rows:
-            if row["model"] == name and "tok_s" in row and fp32_rate:
+                rows.append({"model": name, "engine": "llama.cpp", "precision": "-", "error": str(exc)})
+                files = {}
+            for kind, gguf in files.items():
+                jobs.append(({"model": name, "engine": "llama.cpp", "precision": kind,
+                              "file_mib": size_mib(gguf)}, serving.venv_python("llama"),
+                             ["llama", str(gguf), str(args.threads), str(args.new_tokens),
+                              str(args.repeats)]))
+        for round_ in range(args.rounds):
+            for row, python, child_args in jobs:
+                if "error" in row:
+                    continue
+                try:
+                    r = run_child(python, child_args)
+                except Exception as exc:
+                    row["error"] = str(exc)
+                    continue
+                for key in ("tok_s", "tok_s_batch"):
+                    if r.get(key) is not None:
+                        row[key] = max(row.get(key, 0.0), r[key])
+                row["rss_mib"] = r["rss_mib"]
+                if r.get("kernels"):
+                    row["kernels"] = r["kernels"]
+                print(f"  round {round_ + 1}: " + _line(row, jobs[0][0].get("tok_s")), flush=True)
+        fp32_rate = jobs[0][0].get("tok_s")
+        for row, _, _ in jobs:
+            if "tok_s" in row and fp32_rate:
                 row["vs_mixbuild_fp32"] = row["tok_s"] / fp32_rate
+            rows.append(row)
     return rows
 
 
 def _line(row: dict, fp32: float | None) -> str:
     ratio = f"{row['tok_s'] / fp32:.2f}x" if fp32 else "-"
-    return (f"  {row['model']:12} {row['engine']:9} {row['precision']:10} {row['tok_s']:8.1f} tok/s "
+    return (f"  {row['model']:12} {row['engine']:9} {row['precision']:22} {row['tok_s']:8.1f} tok/s "
             f"({ratio} mixbuild fp32)  RSS {row['rss_mib']:.0f} MiB  file {row['file_mib']:.0f} MiB")
 
 
@@ -273,7 +291,7 @@ def plot(rows: list[dict], path: Path) -> None:
         labels = [f"{r['engine']}\n{r['precision']}" for r in ok]
         colors = ["tab:blue" if r["engine"] == "mixbuild" else "tab:orange" for r in ok]
         ax.bar(range(len(ok)), [r["tok_s"] for r in ok], color=colors)
-        ax.set_xticks(range(len(ok)), labels, fontsize=7)
+        ax.set_xticks(range(len(ok)), labels, fontsize=6, rotation=60, ha="right")
         ax.set_ylabel("decode tokens/s (batch 1)")
         ax.set_yscale("log")
         ax.set_title(model)
@@ -287,6 +305,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--body-tokens", type=int, default=16, help="tokens for the slow 'body' runs")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="runs of every engine, in turn; best kept")
     p.add_argument("--calib-tokens", type=int, default=512)
     p.add_argument("--skip-large", action="store_true")
     p.add_argument("--no-setup", action="store_true", help="do not build llama.cpp's venv")
@@ -301,7 +320,7 @@ def main() -> None:
     if args.child:
         kind, *rest = args.child
         if kind == "mixbuild":
-            result = child_mixbuild(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), rest[4] == "1")
+            result = child_mixbuild(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), rest[4])
         elif kind == "llama":
             result = child_llama(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
         else:

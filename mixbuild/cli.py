@@ -13,6 +13,7 @@ import sys
 import click
 
 from mixbuild import __version__
+from mixbuild.contract import ACCURACY_LEVEL_HELP
 from mixbuild.errors import MixbuildError
 
 INTERNAL_ERROR = 70   # EX_SOFTWARE: a bug in mixbuild (1 is validate's "a check failed")
@@ -111,7 +112,7 @@ def inspect(path: str, as_json: bool, no_values: bool, config_only: bool) -> Non
 # export options that only some precisions read: parameter name -> those precisions
 _PRECISION_OPTIONS = {"calib": ("fp8", "int4"), "calib_tokens": ("fp8", "int4"),
                       "int4_method": ("int4",), "group_size": ("int4",),
-                      "fp8_weight_scales": ("fp8",)}
+                      "fp8_weight_scales": ("fp8",), "lm_head": ("int4",)}
 
 
 def _refuse_unused_options(ctx: click.Context, precision: str) -> None:
@@ -151,6 +152,13 @@ def _refuse_unused_options(ctx: click.Context, precision: str) -> None:
               help="awq: activation-aware scale search; rtn: no scale search (the weights are still "
                    "GPTQ-rounded, as the manifest records).")
 @click.option("--group-size", type=int, default=128, show_default=True, help="int4 group size along K.")
+@click.option("--lm-head", type=click.Choice(["float", "int8", "int4"]), default="float",
+              show_default=True,
+              help="int4: lm_head's weights. float keeps them in --dtype; int8 / int4 quantize "
+                   "them too (groups of --group-size, GPTQ on the final norm's output): on a CPU "
+                   "the fp32 lm_head is most of a decode step's weight bytes for small models. "
+                   "int8 runs with int8 activations on ONNX Runtime. docs/precision.md; validate "
+                   "the result.")
 @click.option("--fp8-weight-scales", type=click.Choice(["channel", "tensor"]), default="channel",
               show_default=True, help="fp8 weight scale granularity.")
 @click.option("--debug-outputs", is_flag=True,
@@ -173,8 +181,9 @@ def _refuse_unused_options(ctx: click.Context, precision: str) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @handles_errors
 def export(checkpoint: str, out: str, dtype: str, precision: str, calib: str | None,
-           calib_tokens: int, int4_method: str, group_size: int, fp8_weight_scales: str,
-           debug_outputs: bool, layout: str, all_logits: bool, fmt: str, overwrite: bool) -> None:
+           calib_tokens: int, int4_method: str, group_size: int, lm_head: str,
+           fp8_weight_scales: str, debug_outputs: bool, layout: str, all_logits: bool, fmt: str,
+           overwrite: bool) -> None:
     """Export a Hugging Face Mixtral checkpoint to an ONNX artifact with MoE custom ops (or,
     with --format hf | hf-modelopt, to a quantized Hugging Face checkpoint)."""
     import time
@@ -200,7 +209,8 @@ def export(checkpoint: str, out: str, dtype: str, precision: str, calib: str | N
 
         quant = QuantConfig.parse(precision, int4_method=int4_method, group_size=group_size,
                                   fp8_per_channel=fp8_weight_scales == "channel",
-                                  calib_file=calib, calib_tokens=calib_tokens)
+                                  calib_file=calib, calib_tokens=calib_tokens,
+                                  lm_head=lm_head)
     start = time.perf_counter()
     path = export_checkpoint(checkpoint, out, dtype=dtype, debug_outputs=debug_outputs,
                              overwrite=overwrite, quant=quant, layout=layout, all_logits=all_logits,
@@ -247,11 +257,13 @@ def export(checkpoint: str, out: str, dtype: str, precision: str, calib: str | N
 @click.option("--overwrite", is_flag=True,
               help="Replace the -o directory if it holds an earlier mixbuild validation report "
                    "(the default report directory is always replaced).")
+@click.option("--accuracy-level", type=click.Choice(["1", "4"]), default="1", show_default=True,
+              help=ACCURACY_LEVEL_HELP)
 @handles_errors
 def validate(artifacts: tuple[str, ...], reference: str, out: str | None, prompts: str | None,
              max_tokens: int, max_sequences: int, steps: int, long: int | None,
              chunk: int | None, tolerances: tuple[str, ...], no_plot: bool, backend: str,
-             device: str, dtype: str | None, overwrite: bool) -> None:
+             device: str, dtype: str | None, overwrite: bool, accuracy_level: str) -> None:
     """Validate an artifact (or a checkpoint or engine, see --backend) against transformers on
     its checkpoint; several ARTIFACTS are compared on the same tokens in one table.
 
@@ -267,7 +279,7 @@ def validate(artifacts: tuple[str, ...], reference: str, out: str | None, prompt
     options = dict(prompts=prompts, max_tokens=max_tokens, steps=steps,
                    max_sequences=max_sequences, overrides=overrides, plot=not no_plot,
                    overwrite=overwrite or out is None, backend=backend, device=device,
-                   dtype=dtype, long=long, chunk=chunk)
+                   dtype=dtype, long=long, chunk=chunk, accuracy_level=int(accuracy_level))
     if len(artifacts) == 1:
         report, report_dir = validate_artifact(
             artifacts[0], reference, out or Path(artifacts[0]) / "validation", **options)
@@ -336,15 +348,17 @@ def engine(artifact, out, backend, compute_capability, moe, max_batch, max_step_
 @click.option("--stop-token-id", "stop_token_ids", type=click.IntRange(min=0), multiple=True,
               help="Stop token id (repeatable).")
 @click.option("--ignore-eos", is_flag=True, default=None, help="Keep going past end-of-sequence.")
+@click.option("--accuracy-level", type=click.Choice(["1", "4"]), default="1", show_default=True,
+              help=ACCURACY_LEVEL_HELP)
 @handles_errors
 def run(model_dir: str, prompt: str, backend: str, device: str, stream: bool, chat: bool,
-        threads: int | None, **sampling) -> None:
+        threads: int | None, accuracy_level: str, **sampling) -> None:
     """Generate text from an artifact, checkpoint or engine directory; prints time to first
     token and tokens/s at the end. Sampling flags default to the model's generation_config.json."""
     from mixbuild.runtime.cli import cli_run
 
     cli_run(model_dir, prompt, backend=backend, device=device, stream=stream, chat=chat,
-            threads=threads, echo=click.echo, **sampling)
+            threads=threads, accuracy_level=int(accuracy_level), echo=click.echo, **sampling)
 
 
 @main.command()

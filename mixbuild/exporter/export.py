@@ -216,4 +216,5 @@ def _apply_weights(onnx_model, ckpt: Checkpoint, torch_dtype, quant, calibration
               else Int4Weights(quant.group_size, h, i))
     counts = quantize_graph(onnx_model, ckpt, calibration, quant, torch_dtype, store)
     attach_functions(onnx_model, spec, scheme)
-    return {**quant.to_dict(), **counts, "layers": summary(calibration)}
+    head = {"lm_head_weight_rel_error": store.head_error} if quant.lm_head.quantized else {}
+    return {**quant.to_dict(), **counts, **head, "layers": summary(calibration)}

@@ -90,6 +90,12 @@ def check_hf_options(fmt: ExportFormat, quant) -> None:
                          found=f"--format {fmt.value} with --precision float",
                          hint="a float checkpoint is already a Hugging Face checkpoint: serve the "
                               "source directory as it is, or pass --precision fp8 | int4")
+    if quant.lm_head.quantized:
+        raise UsageError("--lm-head is an option of the ONNX artifact",
+                         expected="--lm-head float (the default) with --format hf / hf-modelopt",
+                         found=f"--lm-head {quant.lm_head.value} with --format {fmt.value}",
+                         hint="drop --lm-head: the Hugging Face hand-off lists lm_head as "
+                              "unquantized (vLLM and TensorRT-LLM keep it in high precision)")
     if fmt is ExportFormat.HF_MODELOPT:
         if quant.precision is not Precision.FP8:
             raise UsageError("--format hf-modelopt writes NVIDIA's unified FP8 format only",

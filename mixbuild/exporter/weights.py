@@ -18,7 +18,8 @@ from mixbuild.exporter.artifact import Artifact
 
 SMOOTHING_FILE = "smoothing.safetensors"
 
-_NUMPY = {1: np.float32, 10: np.float16, 2: np.uint8, 17: np.uint8, 16: np.uint16, 22: np.uint8}
+_NUMPY = {1: np.float32, 10: np.float16, 2: np.uint8, 3: np.int8, 17: np.uint8, 16: np.uint16,
+          22: np.uint8}
 
 
 def initializer_array(tensor, directory: Path) -> np.ndarray:

@@ -60,6 +60,7 @@ from mixbuild.errors import UsageError
 
 FP8_MAX = 448.0
 INT4_MIN, INT4_MAX = -8, 7
+INT8_MAX = 127          # symmetric int8 (lm_head): codes in [-127, 127]
 DEFAULT_GROUP_SIZE = 128
 
 

@@ -18,10 +18,10 @@ from torch import Tensor
 from mixbuild.contract import Precision
 from mixbuild.errors import CheckpointError, UsageError
 from mixbuild.model.checkpoint import Checkpoint
-from mixbuild.model.reference import DecoderLayer, attention_bias, rope_tables
+from mixbuild.model.reference import DecoderLayer, RMSNorm, attention_bias, rope_tables
 from mixbuild.quant import awq
-from mixbuild.quant.config import Int4Method, QuantConfig
-from mixbuild.quant.quantize import QuantStore, SmoothedWeights, quantize_matrix
+from mixbuild.quant.config import Int4Method, LmHead, QuantConfig
+from mixbuild.quant.quantize import HEAD, QuantStore, SmoothedWeights, quantize_matrix
 
 # Standard-library modules whose source is the built-in calibration text: present wherever
 # Python is, no download, and a different text from the validator's evaluation data.
@@ -146,7 +146,25 @@ def calibrate(ckpt: Checkpoint, config: QuantConfig, store: QuantStore,
         hidden, result, acts = _calibrate_layer(layer, hidden, (cos, sin, bias, empty), config)
         results.append(result)
         store.save(index, _quantize_layer(index, smoothed, result, acts, config))
+    if config.lm_head.quantized:
+        store.save(HEAD, _quantize_lm_head(ckpt, hidden, config, store))
     return results
+
+
+def _quantize_lm_head(ckpt: Checkpoint, hidden: Tensor, config: QuantConfig,
+                      store: QuantStore) -> dict[str, tuple[Tensor, Tensor]]:
+    """lm_head, GPTQ-rounded on its real inputs: the final norm of the last layer's output
+    on the calibration tokens (no AWQ smoothing: the final norm's weight would have to absorb
+    it, and the embedding is not in front of it). Its relative weight error goes to
+    `store.head_error`."""
+    spec = ckpt.spec
+    norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+    norm.weight.copy_(ckpt.weight("final_norm").float())
+    x = norm(hidden).reshape(-1, spec.hidden_size)
+    w = ckpt.weight("lm_head").float()
+    q, scale, wq = quantize_matrix(w, x, None, config, bits=8 if config.lm_head is LmHead.INT8 else 4)
+    store.head_error = awq.relative_error(w, wq)
+    return {"lm_head.weight": (q, scale)}
 
 
 def _calibrate_layer(layer: DecoderLayer, x: Tensor, attn_args, config: QuantConfig):

@@ -20,6 +20,17 @@ class Int4Method(str, Enum):
     RTN = "rtn"
 
 
+class LmHead(str, Enum):
+    """What an int4 export does with lm_head."""
+    FLOAT = "float"   # stays in --dtype (the default)
+    INT8 = "int8"     # int8 weights, groups of group_size along K
+    INT4 = "int4"     # int4 weights, like the attention linears
+
+    @property
+    def quantized(self) -> bool:
+        return self is not LmHead.FLOAT
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     precision: Precision
@@ -31,6 +42,7 @@ class QuantConfig:
     calib_seq_len: int = 256
     awq_grid: int = 20                  # alphas 0, 1/grid, ..., 1
     gptq: bool = True                   # GPTQ rounding (error feedback) instead of nearest
+    lm_head: LmHead = LmHead.FLOAT      # int4: lm_head quantized too (GPTQ on the final norm's output)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -44,6 +56,15 @@ class QuantConfig:
         if self.calib_tokens < self.calib_seq_len or self.calib_seq_len < 8:
             raise UsageError("calibration needs at least one sequence of >= 8 tokens",
                              found=f"{self.calib_tokens} tokens in sequences of {self.calib_seq_len}")
+        if not isinstance(self.lm_head, LmHead):
+            raise UsageError("unknown lm_head quantization", expected="float | int8 | int4",
+                             found=repr(self.lm_head))
+        if self.lm_head.quantized and self.precision is not Precision.INT4:
+            raise UsageError(f"--lm-head {self.lm_head.value} is an int4 option",
+                             expected=f"--precision int4 with --lm-head {self.lm_head.value}",
+                             found=f"--precision {self.precision.value}",
+                             hint="drop --lm-head: fp8 keeps lm_head in --dtype (design rule: "
+                                  "its logits feed sampling directly)")
         if self.calib_file is not None and not Path(self.calib_file).is_file():
             raise UsageError(f"calibration file not found: {self.calib_file}",
                              hint="pass a UTF-8 text file with --calib, or omit it for the built-in text")
@@ -78,6 +99,8 @@ class QuantConfig:
     def parse(cls, precision: str, **kwargs) -> QuantConfig:
         if "int4_method" in kwargs:
             kwargs["int4_method"] = choice(Int4Method, kwargs["int4_method"], "int4 method")
+        if isinstance(kwargs.get("lm_head"), str):
+            kwargs["lm_head"] = choice(LmHead, kwargs["lm_head"], "lm_head quantization")
         return cls(precision=quantized_precision(precision), **kwargs)
 
     def to_dict(self) -> dict:
@@ -85,4 +108,5 @@ class QuantConfig:
                 "group_size": self.group_size, "fp8_per_channel": self.fp8_per_channel,
                 "calib_file": Path(self.calib_file).name if self.calib_file else None,
                 "calib_tokens": self.calib_tokens, "calib_seq_len": self.calib_seq_len,
-                "rounding": "gptq" if self.gptq else "nearest"}
+                "rounding": "gptq" if self.gptq else "nearest",
+                "lm_head": self.lm_head.value}

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 ColumnQuantizer = Callable[[Tensor, int, Tensor], Tensor]  # (column [N], k, W) -> dequantized column
+# (W is the weight as updated so far; a quantizer reads only the columns it needs from it)
 
 
 def hessian(x: Tensor, routed: Tensor | None = None, routed_weight: float = 0.9) -> Tensor:
@@ -42,7 +43,7 @@ def gptq(w: Tensor, h: Tensor, quantize_column: ColumnQuantizer, damp: float = 0
         errors = torch.zeros(w.shape[0], end - start, dtype=w.dtype)
         for k in range(start, end):
             col = w[:, k]
-            q = quantize_column(col.float(), k, w.float()).double()
+            q = quantize_column(col.float(), k, w).double()   # w: the updated float64 W
             out[:, k] = q
             err = (col - q) / hinv[k, k]
             w[:, k + 1:end] -= err[:, None] * hinv[k, k + 1:end][None, :]

@@ -71,28 +71,35 @@ class SmoothedWeights:
 
 
 
+HEAD = "head"   # the QuantStore part of the tensors outside the decoder layers (lm_head)
+
+
 class QuantStore:
-    """Quantized weights on disk: `layers.{i}.{param}` -> (q, scale)."""
+    """Quantized weights on disk: `layers.{i}.{param}` -> (q, scale), one file per layer, and
+    `lm_head.weight` in the HEAD part."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
-        self._open: dict[int, object] = {}
+        self._open: dict[int | str, object] = {}
+        self.head_error: float | None = None   # lm_head's relative weight error, when quantized
 
-    def save(self, layer: int, tensors: dict[str, tuple[Tensor, Tensor]]) -> None:
+    def save(self, part: int | str, tensors: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """part: a layer index, or HEAD."""
         from safetensors.torch import save_file
 
         flat = {}
         for name, (q, scale) in tensors.items():
             flat[f"{name}.q"], flat[f"{name}.scale"] = q.contiguous(), scale.contiguous()
-        save_file(flat, str(self.directory / f"layer_{layer}.safetensors"))
+        save_file(flat, str(self.directory / f"layer_{part}.safetensors"))
 
     def get(self, name: str) -> tuple[Tensor, Tensor]:
         from safetensors import safe_open
 
-        layer = int(name.split(".")[1])
-        if layer not in self._open:
-            self._open[layer] = safe_open(str(self.directory / f"layer_{layer}.safetensors"), "pt")
-        fh = self._open[layer]
+        match = _LAYER.fullmatch(name)
+        part = int(match[1]) if match else HEAD
+        if part not in self._open:
+            self._open[part] = safe_open(str(self.directory / f"layer_{part}.safetensors"), "pt")
+        fh = self._open[part]
         return fh.get_tensor(f"{name}.q"), fh.get_tensor(f"{name}.scale")
 
 
@@ -111,35 +118,43 @@ class _Fp8Columns:
         return q, self.scale if per_channel else self.scale[:1].reshape(())
 
 
-class _Int4Columns:
-    """GPTQ column quantizer for grouped INT4: each group's scales come from the (updated)
-    weights when GPTQ reaches the group, as in the original algorithm."""
+class _IntColumns:
+    """GPTQ column quantizer for grouped symmetric INT4 (or INT8, bits=8: lm_head): each
+    group's scales come from the (updated) weights when GPTQ reaches the group, as in the
+    original algorithm."""
 
-    def __init__(self, w: Tensor, group: int) -> None:
-        self.group = group
+    def __init__(self, w: Tensor, group: int, bits: int = 4) -> None:
+        self.group, self.bits = group, bits
+        self.low, self.high = ((formats.INT4_MIN, formats.INT4_MAX) if bits == 4
+                               else (-formats.INT8_MAX, formats.INT8_MAX))
         self.scales: list[Tensor] = []
 
     def __call__(self, col: Tensor, k: int, w: Tensor) -> Tensor:
         if k % self.group == 0:
-            amax = w[:, k:k + self.group].abs().amax(dim=-1)
-            scale = torch.where(amax > 0, amax / formats.INT4_MAX, torch.ones_like(amax))
+            amax = w[:, k:k + self.group].abs().amax(dim=-1).float()
+            scale = torch.where(amax > 0, amax / self.high, torch.ones_like(amax))
             self.scales.append(scale.half().float())  # stored in fp16: round with it
         scale = self.scales[-1]
-        return torch.round(col / scale).clamp(formats.INT4_MIN, formats.INT4_MAX) * scale
+        return torch.round(col / scale).clamp(self.low, self.high) * scale
 
     def encode(self, wq: Tensor) -> tuple[Tensor, Tensor]:
+        """(codes, scale [N, groups] fp16): int4 packed two per byte [N, K/2], int8 [N, K]."""
         scale = torch.stack(self.scales, dim=-1)                       # [N, groups]
         full = scale.repeat_interleave(self.group, dim=-1)[:, :wq.shape[1]]
-        codes = torch.round(wq / full).clamp(formats.INT4_MIN, formats.INT4_MAX)
-        return formats.pack_int4(codes), scale.half()
+        codes = torch.round(wq / full).clamp(self.low, self.high)
+        packed = formats.pack_int4(codes) if self.bits == 4 else codes.to(torch.int8)
+        return packed, scale.half()
 
 
-def quantize_matrix(w: Tensor, x: Tensor | None, routed: Tensor | None, config: QuantConfig):
+def quantize_matrix(w: Tensor, x: Tensor | None, routed: Tensor | None, config: QuantConfig,
+                    bits: int = 4):
     """W [N, K] (already smoothed) -> (q, scale) in formats layout for one expert, plus the
-    dequantized weight. x: the calibration inputs [T, K] for GPTQ (None: round to nearest)."""
+    dequantized weight. x: the calibration inputs [T, K] for GPTQ (None: round to nearest).
+    bits: the int width (8 for an int8 lm_head) when the precision is int4."""
     w = w.float()
     fp8 = config.precision is Precision.FP8
-    cols = _Fp8Columns(w, config.fp8_per_channel) if fp8 else _Int4Columns(w, config.group_size)
+    cols = (_Fp8Columns(w, config.fp8_per_channel) if fp8
+            else _IntColumns(w, config.group_size, bits))
     if config.gptq and x is not None:
         h = G.hessian(x, routed)
         if fp8:  # act order: the most active input channels first (scales do not depend on order)

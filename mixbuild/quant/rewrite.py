@@ -6,7 +6,9 @@ quantization pattern TensorRT expects, with the weight stored pre-transposed [K,
     fp8:  MatMul(DQ(Q(x, s_x), s_x), DQ(W_fp8 [K, N], s_w [N]))      (W8A8, static s_x)
     int4: MatMul(x, DQ(W_int4 [K, N], s [K/G, N], axis=0, block_size=G))   (W4A16)
 
-The router (gate), embeddings, norms and lm_head stay in the graph's float type. The MoE nodes
+The router (gate), embeddings, norms and lm_head stay in the graph's float type (int4 with
+`QuantConfig.lm_head` int4 / int8: lm_head becomes a linear of that pattern, with blocked
+int4 or int8 weights). The MoE nodes
 get quantized expert weights and scales as extra inputs (layouts of mixbuild.plugins.formats)
 and a function body that dequantizes as the plugins do. AWQ smoothing scales are folded into
 the weights here, so nothing extra runs at inference.
@@ -27,13 +29,17 @@ from mixbuild.quant.quantize import QuantStore, SmoothedWeights
 
 _LINEAR = re.compile(r"layers\.(\d+)\.attn\.([qkvo])_proj\.weight")
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+LM_HEAD = "lm_head.weight"
 ACT_INPUT = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in"}
 
 
-def _linear_layout(q: torch.Tensor, scale: torch.Tensor, fp8: bool):
-    """Stored [N, K] -> the MatMul layout [K, N] (int4: re-packed along N; scales [K/G, N])."""
-    if fp8:
+def _linear_layout(q: torch.Tensor, scale: torch.Tensor, kind: str):
+    """Stored [N, K] -> the MatMul layout [K, N] (int4: re-packed along N; int4 / int8 scales
+    [K/G, N]). kind: fp8 | int4 | int8."""
+    if kind == "fp8":
         return q.T.contiguous(), scale
+    if kind == "int8":
+        return q.T.contiguous(), scale.T.contiguous()
     codes = formats.unpack_int4(q).T.contiguous()
     return formats.pack_int4(codes), scale.T.contiguous()
 
@@ -48,8 +54,14 @@ class GraphQuantizer:
         self.fp8 = config.precision is Precision.FP8
         self.store = store
 
+    def _kind(self, name: str) -> str:
+        """fp8 | int4 | int8: how the linear `name` is quantized."""
+        if name == LM_HEAD:
+            return self.config.lm_head.value
+        return "fp8" if self.fp8 else "int4"
+
     def _linear(self, name: str, part: int) -> torch.Tensor:
-        return _linear_layout(*self.store.get(name), self.fp8)[part]
+        return _linear_layout(*self.store.get(name), self._kind(name))[part]
 
     def _experts(self, name: str, part: int) -> torch.Tensor:
         return self.store.get(name)[part]
@@ -87,14 +99,16 @@ class GraphQuantizer:
         count = 0
         for node in list(self.graph):
             source = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
-            match = _LINEAR.fullmatch(source.name) if source is not None and source.is_initializer() else None
-            if match is None:
+            if source is None or not source.is_initializer():
                 continue
-            layer, proj = int(match[1]), match[2]
+            match = _LINEAR.fullmatch(source.name)
+            if match is None and not (self.config.lm_head.quantized and source.name == LM_HEAD):
+                continue
             weight_dq = self._weight_dequantize(node, source.name)
             for user in list(node.outputs[0].consumers()):
                 x = user.inputs[0]
-                if self.fp8:
+                if self.fp8:   # lm_head is quantized for int4 only (QuantConfig refuses fp8)
+                    layer, proj = int(match[1]), match[2]
                     amax = self.calibration[layer].amax[ACT_INPUT[proj]]
                     scale = self._act_scale(f"{source.name}.input_scale", amax)
                     q = ir.node("QuantizeLinear", [x, scale],
@@ -106,15 +120,43 @@ class GraphQuantizer:
             self.graph.remove(node, safe=True)
             del self.graph.initializers[source.name]
             count += 1
-        return count
+        return count + (self._quantize_gemm_head() if self.config.lm_head.quantized else 0)
 
-    def _weight_dequantize(self, transpose, name: str):
+    def _quantize_gemm_head(self) -> int:
+        """The serving layout's lm_head is Gemm(x, W [V, H], transB=1) (no bias): it becomes
+        MatMul(x, DQ(W_int4 [H, V])), the pattern of the attention linears."""
         import onnx_ir as ir
 
-        n, k = transpose.inputs[0].shape
+        for node in list(self.graph):
+            if node.op_type != "Gemm" or len(node.inputs) != 2 or node.inputs[1] is None or \
+                    node.inputs[1].name != LM_HEAD:
+                continue
+            attrs = {name: attr.value for name, attr in node.attributes.items()}
+            if attrs.get("transA", 0) or not attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0:
+                raise RuntimeError(f"unexpected lm_head Gemm attributes {attrs}")  # tracer changed
+            weight_dq = self._weight_dequantize(node, LM_HEAD)
+            matmul = ir.node("MatMul", [node.inputs[0], weight_dq.outputs[0]], name=node.name)
+            self.graph.insert_before(node, matmul)
+            node.outputs[0].replace_all_uses_with(matmul.outputs[0], replace_graph_outputs=True)
+            out = matmul.outputs[0]
+            out.type, out.shape = node.outputs[0].type, node.outputs[0].shape
+            name = node.outputs[0].name
+            node.outputs[0].name = None
+            out.name = name   # `logits` keeps its name
+            self.graph.remove(node, safe=True)
+            del self.graph.initializers[LM_HEAD]
+            return 1
+        return 0
+
+    def _weight_dequantize(self, anchor, name: str):
+        """DQ of the quantized weight `name` (stored [N, K]), in the graph before `anchor`."""
+        import onnx_ir as ir
+
+        n, k = self.graph.initializers[name].shape
+        kind = self._kind(name)
         weight = self._initializer(f"{name}.quantized", lambda: self._linear(name, 0), [k, n],
-                                   torch.float8_e4m3fn if self.fp8 else "int4")
-        if self.fp8:
+                                   {"fp8": torch.float8_e4m3fn, "int8": torch.int8}.get(kind, "int4"))
+        if kind == "fp8":
             shape = [n] if self.config.fp8_per_channel else []
             scale = self._initializer(f"{name}.scale", lambda: self._linear(name, 1), shape,
                                       self.act_dtype)
@@ -125,7 +167,7 @@ class GraphQuantizer:
                                       [groups, n], self.act_dtype)
             attrs = {"axis": 0, "block_size": self.config.group_size}
         dq = ir.node("DequantizeLinear", [weight, scale], attrs)
-        self.graph.insert_before(transpose, dq)
+        self.graph.insert_before(anchor, dq)
         return dq
 
     def quantize_experts(self) -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixbuild.contract import (
+    ACCURACY_LEVELS,
     DATA_FILE,
     ENGINE_MANIFEST_FILE,
     MANIFEST_FILE,
@@ -57,6 +58,7 @@ class LoadOptions:
     continuous_batching: bool = True  # serving layout: concurrent calls share one scheduler
     step_tokens: int = DEFAULT_STEP_TOKENS
     max_queue: int = DEFAULT_MAX_QUEUE
+    accuracy_level: int = 1           # ort, int4 artifacts: the kernels' activation type
 
     @classmethod
     def parse(cls, backend: str, device: str, layout: str | None = None, **rest) -> LoadOptions:
@@ -74,6 +76,10 @@ class LoadOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"invalid load option '{name}'", expected="an integer >= 1",
                                  found=repr(value))
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise UsageError("invalid load option 'accuracy_level'",
+                             expected=" or ".join(f"{k} ({v})" for k, v in ACCURACY_LEVELS.items()),
+                             found=repr(self.accuracy_level))
         if self.layout is not None and self.backend is not Backend.TORCH:
             raise UsageError("layout is a choice of the torch backend only",
                              expected="backend='torch'",
@@ -104,7 +110,8 @@ def detect_backend(path: Path) -> Backend:
 def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch: int = 8,
          max_context: int | None = None, threads: int | None = None, io_binding: bool = False,
          spinning: bool = True, layout: str | None = None, continuous_batching: bool = True,
-         step_tokens: int = DEFAULT_STEP_TOKENS, max_queue: int = DEFAULT_MAX_QUEUE) -> Model:
+         step_tokens: int = DEFAULT_STEP_TOKENS, max_queue: int = DEFAULT_MAX_QUEUE,
+         accuracy_level: int = 1) -> Model:
     """Open a model directory for generation.
 
     backend: "ort" (artifact dir), "torch" (checkpoint dir), "trt" (engine dir) or "auto"
@@ -125,11 +132,15 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch
     chunks of at most step_tokens tokens per iteration, and at most max_queue requests wait
     for a slot (`submit_ids` refuses past that; `generate` waits). continuous_batching=False
     gives each call its own cache and batch instead (the per-call runtime).
+    accuracy_level (ort backend, int4 artifacts): the activation type of ONNX Runtime's int4
+    kernels (MatMulNBits, QMoE): 1 float32, the contract's W4A16 (the default); 4 int8
+    activations, faster, other numerics (validate with `mixbuild validate --accuracy-level 4`).
     """
     options = LoadOptions.parse(backend, device, layout=layout, max_batch=max_batch,
                                 max_context=max_context, threads=threads, io_binding=io_binding,
                                 spinning=spinning, continuous_batching=continuous_batching,
-                                step_tokens=step_tokens, max_queue=max_queue)
+                                step_tokens=step_tokens, max_queue=max_queue,
+                                accuracy_level=accuracy_level)
     path = Path(path)
     found = detect_backend(path)
     chosen = found if options.backend is Backend.AUTO else options.backend
@@ -137,6 +148,11 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch
         raise UsageError(f"backend '{chosen.value}' opens {_OPENS[chosen]}",
                          found=f"{path} is {_OPENS[found]}",
                          hint=f"use backend='{found.value}' or 'auto'")
+    if options.accuracy_level != 1 and chosen is not Backend.ORT:
+        raise UsageError(f"accuracy_level is an option of ONNX Runtime's int4 kernels, not of the "
+                         f"{chosen.value} backend", expected="accuracy_level=1 (the default)",
+                         found=f"accuracy_level={options.accuracy_level} for {path}",
+                         hint="drop the accuracy level, or run an int4 ONNX artifact")
     step, spec = _OPENERS[chosen](path, options)
     defaults = GenerationDefaults.read(path, spec.eos_token_id, spec.vocab_size)
     return Model(step, spec, Tokenizer.from_dir(path), defaults, options, chosen.value)
@@ -152,7 +168,8 @@ def _open_ort(path: Path, options: LoadOptions):
     # its CUDA kernel takes fp16 / bf16
     fast = options.device is Device.CPU or artifact.manifest.get("dtype") != "float32"
     runner = OrtRunner(artifact, providers=_ort_providers(options.device), threads=options.threads,
-                       spinning=options.spinning, fast_attention=fast)
+                       spinning=options.spinning, fast_attention=fast,
+                       accuracy_level=options.accuracy_level)
     if runner.artifact.manifest.get("layout") == Layout.SERVING.value:
         capacity = _serving_capacity(options, runner.spec)
         return ServingStep(runner, capacity, options.max_batch, options.device.value), runner.spec

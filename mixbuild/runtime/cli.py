@@ -13,7 +13,8 @@ from mixbuild.runtime.generate import Result
 
 def cli_run(path: str, prompt: str, *, backend: str = "auto", device: str = "cpu",
             stream: bool = False, chat: bool = False, threads: int | None = None,
-            echo: Callable[..., None] = click.echo, **sampling) -> Result:
+            accuracy_level: int = 1, echo: Callable[..., None] = click.echo,
+            **sampling) -> Result:
     """Generate for `prompt` and print it; `sampling` holds SamplingParams fields (None = the
     artifact's default). With `chat` the prompt is one user message through the chat template."""
     from mixbuild.runtime.api import load
@@ -22,7 +23,8 @@ def cli_run(path: str, prompt: str, *, backend: str = "auto", device: str = "cpu
     for stop in sampling.get("stop") or ():
         check_text(stop, "--stop")
     start = time.perf_counter()
-    model = load(path, backend=backend, device=device, threads=threads, max_batch=1)
+    model = load(path, backend=backend, device=device, threads=threads, max_batch=1,
+                 accuracy_level=accuracy_level)
     loaded = time.perf_counter() - start
     overrides = {k: v for k, v in sampling.items() if v is not None and v != ()}
     messages = [{"role": "user", "content": prompt}]

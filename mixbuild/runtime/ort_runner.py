@@ -41,6 +41,7 @@ class OrtRunner:
         self._graph_rewrite = graph_rewrite
         self.spec = self.artifact.spec
         providers = providers or ["CPUExecutionProvider"]
+        self._on_cpu = providers[0] == "CPUExecutionProvider"
         dtype = DType.parse(self.artifact.manifest["dtype"])
         if dtype not in CPU_KV_DTYPES and providers == ["CPUExecutionProvider"]:
             # before the session: ONNX Runtime's own refusal would only name a missing kernel
@@ -102,11 +103,14 @@ class OrtRunner:
                                                     self.spec.sliding_window)
             kernels["attention"] = f"GroupQueryAttention x{self.fast_attention}"
         if quantized:
-            from mixbuild.runtime.ort_quant import rewrite_int4_experts
+            from mixbuild.runtime.ort_quant import rewrite_int4_experts, rewrite_int8_linears
 
-            done = rewrite_int4_experts(model, self.artifact.path,
-                                        DType.parse(manifest["dtype"]).numpy, accuracy_level)
-            if done.experts:
+            act = DType.parse(manifest["dtype"]).numpy
+            done = rewrite_int4_experts(model, self.artifact.path, act, accuracy_level)
+            head = (manifest.get("quantization") or {}).get("lm_head", "float")
+            if head == "int8" and self._on_cpu:   # the CPU kernel's problem (ort_quant.py)
+                rewrite_int8_linears(model, self.artifact.path, act, out=done)
+            if done.initializers:
                 import onnxruntime as ort
 
                 self._initializers = {k: ort.OrtValue.ortvalue_from_numpy(v)
@@ -114,7 +118,12 @@ class OrtRunner:
                 self._arrays = done.initializers       # the OrtValues borrow these buffers
                 options.add_external_initializers(list(self._initializers),
                                                   list(self._initializers.values()))
+            if done.experts:
                 kernels["experts"] = f"QMoE int4 x{done.experts} (accuracy_level {accuracy_level})"
+            if head == "int4":
+                kernels["lm_head"] = f"MatMulNBits int4 (accuracy_level {accuracy_level})"
+            elif done.linears:
+                kernels["lm_head"] = "MatMulNBits int8 (accuracy_level 4: int8 activations)"
             kernels["notes"] = done.notes
         # the rewritten graph is in memory: its external data stays in the artifact
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",

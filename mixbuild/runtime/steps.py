@@ -166,7 +166,8 @@ class ServingStep(_ServingLayout):
     cross PCIe. Unverified here (no GPU); the CPU path is the one tested."""
 
     def __init__(self, runner, capacity: int, max_batch: int, device: str = "cpu") -> None:
-        self.session = runner.session                 # runner: OrtRunner
+        self.runner = runner                          # an OrtRunner (its .kernels say what runs)
+        self.session = runner.session
         self.spec = runner.spec
         self.kv_dtype = runner.kv_dtype
         self.capacity, self.max_batch = capacity, max_batch

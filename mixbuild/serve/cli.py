@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from mixbuild.contract import ACCURACY_LEVEL_HELP
+
 DEFAULT_DRAIN_TIMEOUT = 30.0
 
 
@@ -51,10 +53,12 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
               help="Seconds Ctrl-C / SIGTERM waits for running requests before cancelling them.")
 @click.option("--access-log/--no-access-log", default=True, show_default=True,
               help="Log one line per HTTP request.")
+@click.option("--accuracy-level", type=click.Choice(["1", "4"]), default="1", show_default=True,
+              help=ACCURACY_LEVEL_HELP)
 def serve(model_dir: str, host: str, port: int, max_batch: int, max_context: int | None,
           max_queue: int, step_tokens: int, threads: int | None, backend: str, device: str | None,
           api_key: str | None, model_name: str | None, no_batching: bool, drain_timeout: float,
-          access_log: bool) -> None:
+          access_log: bool, accuracy_level: str) -> None:
     """Serve a model over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions
     (SSE streaming with "stream": true), /v1/models, /health, /metrics (Prometheus).
 
@@ -69,7 +73,7 @@ def serve(model_dir: str, host: str, port: int, max_batch: int, max_context: int
 
     model = open_model(model_dir, backend=backend, no_batching=no_batching, max_batch=max_batch,
                        max_context=max_context, max_queue=max_queue, step_tokens=step_tokens,
-                       threads=threads, device=device)
+                       threads=threads, device=device, accuracy_level=int(accuracy_level))
     name = model_name or Path(model_dir).resolve().name
     app = create_app(model, model_name=name, api_key=api_key, drain_timeout=drain_timeout)
     sock = _bind(host, port)
@@ -83,7 +87,8 @@ def serve(model_dir: str, host: str, port: int, max_batch: int, max_context: int
 
 def open_model(model_dir: str, *, backend: str = "auto", no_batching: bool = False,
                max_batch: int = 8, max_context: int | None = None, max_queue: int = 256,
-               step_tokens: int = 1024, threads: int | None = None, device: str | None = None):
+               step_tokens: int = 1024, threads: int | None = None, device: str | None = None,
+               accuracy_level: int = 1):
     """The Model the server runs: a serving-layout artifact (ort), a checkpoint (torch, in
     the serving layout) or an engine built from a serving-layout artifact (trt, CUDA) behind
     the continuous-batching scheduler; with no_batching, any artifact, checkpoint or engine
@@ -103,7 +108,7 @@ def open_model(model_dir: str, *, backend: str = "auto", no_batching: bool = Fal
                  layout="serving" if chosen is Backend.TORCH else None,
                  max_batch=1 if no_batching else max_batch, max_context=max_context,
                  threads=threads, step_tokens=step_tokens, max_queue=max_queue,
-                 continuous_batching=not no_batching)
+                 continuous_batching=not no_batching, accuracy_level=accuracy_level)
     if not no_batching and not model.continuous_batching:
         raise _no_batching_error(path, "concat")
     return model

@@ -124,6 +124,8 @@ class Report:
     # what held NaN or Inf, e.g. "artifact logits contain NaN at 12 of 96 positions"; any
     # entry fails the report, whatever the checks say
     non_finite: tuple[str, ...] = ()
+    # what the runtime ran instead of the artifact's own bodies (OrtRunner.kernels), if anything
+    kernels: dict[str, Any] | None = None
 
     @property
     def failed_checks(self) -> tuple[Check, ...]:

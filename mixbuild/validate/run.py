@@ -19,10 +19,11 @@ each gets its own report, and one table and plot compare them (report.compare_*)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixbuild.contract import Backend, Device, DType, Precision
+from mixbuild.contract import ACCURACY_LEVELS, Backend, Device, DType, Precision
 from mixbuild.errors import MissingDependencyError, UsageError, choice
 from mixbuild.model.checkpoint import Checkpoint
 from mixbuild.model.spec import MixtralSpec
@@ -48,7 +49,7 @@ def validate_artifact(artifact_dir: str | Path, reference: str | Path, out: str 
                       overrides: dict[str, float] | None = None, plot: bool = True,
                       progress: bool = True, overwrite: bool = False, backend: str = "auto",
                       device: str = "cpu", dtype: str | None = None, long: int | None = None,
-                      chunk: int | None = None):
+                      chunk: int | None = None, accuracy_level: int = 1):
     """Validate; returns (report, report_dir or None). A report directory that would be refused
     (mixbuild.atomic.check_destination) is refused before any work is done.
 
@@ -58,10 +59,12 @@ def validate_artifact(artifact_dir: str | Path, reference: str | Path, out: str 
     long: evaluate on sequences of `long` tokens (the text repeated as needed, at most the
     model's context), one per batch, compared `chunk` tokens at a time (default 256) through
     the KV cache; chunk alone chunks the ordinary evaluation batches.
+    accuracy_level: the ort backend's int4 kernels' activation type (mixbuild.runtime.load);
+    the report records the kernels that ran.
     """
     (_, report), = _validate_many([artifact_dir], reference, prompts, max_tokens, steps,
                                      max_sequences, batch_size, overrides, progress, backend,
-                                     device, dtype, long, chunk, out, overwrite)
+                                     device, dtype, long, chunk, out, overwrite, accuracy_level)
     report_dir = None
     if out is not None:
         from mixbuild.validate.report import write_report
@@ -77,7 +80,7 @@ def validate_artifacts(artifact_dirs, reference: str | Path, out: str | Path | N
                        overrides: dict[str, float] | None = None, plot: bool = True,
                        progress: bool = True, overwrite: bool = False, backend: str = "auto",
                        device: str = "cpu", dtype: str | None = None, long: int | None = None,
-                       chunk: int | None = None):
+                       chunk: int | None = None, accuracy_level: int = 1):
     """Several artifacts against one reference on the same tokens: returns ([(name, report)],
     report_dir or None). `out` gets one report directory per artifact (named after it) and a
     comparison: report.md (one table), report.json and report.png (one plot). Each report is
@@ -87,7 +90,7 @@ def validate_artifacts(artifact_dirs, reference: str | Path, out: str | Path | N
         raise UsageError("no artifact to validate", expected="one or more ARTIFACT directories")
     results = _validate_many(artifact_dirs, reference, prompts, max_tokens, steps, max_sequences,
                              batch_size, overrides, progress, backend, device, dtype, long, chunk,
-                             out, overwrite)
+                             out, overwrite, accuracy_level)
     report_dir = None
     if out is not None:
         from mixbuild.validate.report import write_comparison
@@ -111,7 +114,7 @@ def unique_names(paths) -> list[str]:
 
 def _validate_many(artifact_dirs, reference, prompts, max_tokens, steps, max_sequences,
                    batch_size, overrides, progress, backend, device, dtype, long, chunk, out,
-                   overwrite):
+                   overwrite, accuracy_level=1):
     from mixbuild.atomic import check_destination
     from mixbuild.validate.compare import validate
     from mixbuild.validate.experts import ExpertWeightPair, checkpoint_expert_weights
@@ -124,7 +127,7 @@ def _validate_many(artifact_dirs, reference, prompts, max_tokens, steps, max_seq
         raise UsageError("--long needs at least 2 tokens", found=str(long))
     ckpt = Checkpoint(reference)
     backend, device = choice(Backend, backend, "backend"), choice(Device, device, "device")
-    opened = [_open(Path(a), backend, device, dtype) for a in artifact_dirs]
+    opened = [_open(Path(a), backend, device, dtype, accuracy_level) for a in artifact_dirs]
     for path, model in zip(artifact_dirs, opened):
         _check_same_model(ckpt, model, path)
     first = opened[0]
@@ -142,7 +145,8 @@ def _validate_many(artifact_dirs, reference, prompts, max_tokens, steps, max_seq
         report = validate(hf, model.model or model.runner, model.spec, batches, steps,
                           load_tolerances(model.precision, overrides), experts,
                           artifact_kv_dtype=model.kv_dtype, progress=progress, chunk=chunk)
-        results.append((name, report))
+        kernels = getattr(model.runner, "kernels", None)
+        results.append((name, dataclasses.replace(report, kernels=kernels) if kernels else report))
     return results
 
 
@@ -175,7 +179,8 @@ def _batches(opened: _Opened, ckpt: Checkpoint, prompts, max_tokens, max_sequenc
                         sequences=max_sequences or 1)
 
 
-def _open(path: Path, backend: Backend, device: Device, dtype: str | None) -> _Opened:
+def _open(path: Path, backend: Backend, device: Device, dtype: str | None,
+          accuracy_level: int = 1) -> _Opened:
     from mixbuild.runtime.api import detect_backend
 
     found = detect_backend(path)
@@ -190,12 +195,20 @@ def _open(path: Path, backend: Backend, device: Device, dtype: str | None) -> _O
                          found=f"--dtype {dtype}",
                          hint=f"drop --dtype: the {chosen.value} backend runs the dtype the "
                               "model was exported or built with")
+    if accuracy_level not in ACCURACY_LEVELS or (accuracy_level != 1 and chosen is not Backend.ORT):
+        raise UsageError(f"--accuracy-level {accuracy_level} cannot apply to {path}",
+                         expected="--accuracy-level " + " or ".join(map(str, ACCURACY_LEVELS))
+                                  + " with the ort backend (ONNX Runtime's int4 kernels)",
+                         found=f"the {chosen.value} backend",
+                         hint="drop --accuracy-level")
     if device is Device.CUDA:
         import torch
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda was asked for, but torch sees no CUDA GPU",
                              hint="pass --device cpu (ort or torch backends)")
+    if chosen is Backend.ORT:
+        return _open_ort(path, device, dtype, accuracy_level)
     return _OPENERS[chosen](path, device, dtype)
 
 
@@ -204,7 +217,7 @@ _OPENS = {Backend.ORT: "an ONNX artifact directory (mixbuild.json + model.onnx)"
           Backend.TRT: "a TensorRT engine directory (engine.plan + engine.json)"}
 
 
-def _open_ort(path: Path, device: Device, dtype: str | None) -> _Opened:
+def _open_ort(path: Path, device: Device, dtype: str | None, accuracy_level: int = 1) -> _Opened:
     import numpy as np
     from onnx import helper
 
@@ -233,7 +246,8 @@ def _open_ort(path: Path, device: Device, dtype: str | None) -> _Opened:
         found["exposed"] = expose(model, spec.num_layers, act, serving,
                                   manifest.get("logits") == "all")
 
-    runner = OrtRunner(artifact, providers=providers, graph_rewrite=diagnostics)
+    runner = OrtRunner(artifact, providers=providers, graph_rewrite=diagnostics,
+                       accuracy_level=accuracy_level)
     exposed = found["exposed"]
     model = ServingModel(runner, exposed, spec) if serving else _RenamedRunner(runner, exposed)
     return _Opened(runner, spec, Precision.parse(artifact.precision), runner.kv_dtype,

@@ -45,3 +45,22 @@ def test_serving_engines_use_tensorrt_kv_cache_and_attention_layers(trt, serving
     assert {p["name"]: sorted(p["dims"]) for p in m["profiles"]} == {
         "prefill": ["batch", "capacity", "seq"], "decode": ["batch", "capacity", "seq"]}
     assert (types["PLUGIN_V3"] == 2 * layers) == (moe == "plugin")
+
+
+def test_a_quantized_lm_head_reaches_tensorrt_as_a_dequantize_layer(trt, fixture_dir, tmp_path):
+    """`--lm-head int8` on an int4 artifact: the engine builds, and the head's blocked INT8
+    DequantizeLinear is a TensorRT Dequantize layer (one more than the attention linears')."""
+    from mixbuild.builder.build import build_engine
+    from mixbuild.exporter.export import export_checkpoint
+    from mixbuild.quant.config import QuantConfig
+
+    calib = {"calib_tokens": 64, "calib_seq_len": 32, **_fastest_rounding(QuantConfig)}
+    artifact = export_checkpoint(fixture_dir, tmp_path / "int8-head", dtype="fp16",
+                                 quant=QuantConfig.parse("int4", int4_method="rtn", lm_head="int8",
+                                                         **calib),
+                                 layout="serving", progress=False)
+    out = build_engine(artifact, tmp_path / "engine", backend="tensorrt-rtx",
+                       compute_capability=TARGET, moe="plugin", opt_level=0, progress=False, **LIMITS)
+    items = manifest(out)["layers"]["items"]
+    assert Counter(item["type"] for item in items)["DEQUANTIZE"] == 4 * 3 + 1
+    assert any(item["name"] == "lm_head.weight.quantized" for item in items)

@@ -152,3 +152,34 @@ def test_other_groups_one_token_and_empty_experts(fixture_dir, tmp_path, precisi
         assert ("QMoE" in fast.kernels["experts"]) is fused, fast.kernels
         if not fused:
             assert any("group size 8" in n for n in fast.kernels["notes"])
+
+
+def test_the_accuracy_level_reaches_the_session_from_load_and_validate(quantized, fixture_dir,
+                                                                       tmp_path):
+    """load(accuracy_level=4), `mixbuild validate --accuracy-level 4`: the kernels that ran are
+    the int8-activation ones, and the report says so; anything else is refused, not ignored."""
+    import json
+
+    from click.testing import CliRunner
+
+    import mixbuild.runtime as rt
+    from mixbuild.cli import main
+    from mixbuild.errors import UsageError
+
+    model = rt.load(quantized["int4"], threads=1, accuracy_level=4)
+    assert "accuracy_level 4" in model.step.runner.kernels["experts"]
+    model.close()
+    with pytest.raises(UsageError, match="accuracy_level"):
+        rt.load(quantized["int4"], accuracy_level=2)
+    with pytest.raises(UsageError, match="not of the torch backend"):
+        rt.load(fixture_dir, accuracy_level=4)
+    report = tmp_path / "report"
+    result = CliRunner().invoke(main, ["validate", str(quantized["int4"]), "--reference",
+                                       str(fixture_dir), "-o", str(report), "--accuracy-level", "4",
+                                       "--max-sequences", "2", "--steps", "2", "--no-plot"])
+    assert result.exit_code in (0, 1), result.output
+    kernels = json.loads((report / "report.json").read_text())["kernels"]
+    assert kernels["int4_linears"] == "MatMulNBits (accuracy_level 4)"
+    result = CliRunner().invoke(main, ["validate", str(fixture_dir), "--reference", str(fixture_dir),
+                                       "-o", str(tmp_path / "r2"), "--accuracy-level", "4"])
+    assert result.exit_code == 2 and "--accuracy-level 4 cannot apply" in result.output
