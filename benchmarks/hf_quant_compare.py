@@ -14,9 +14,14 @@ compressed-tensors in this venv, never through mixbuild):
 - llm-compressor GPTQ W4A16 g128 (its "W4A16" preset, `GPTQModifier`).
 
 Metrics, against the bf16 fixture through transformers (float32 compute), on the evaluation
-text of `mixbuild validate` (mixbuild.validate.data.default_texts) cut into sequences:
-top-1 agreement, mean KL(reference || candidate), relative perplexity change, router flip rate
-(the chosen expert set, all layers), with mixbuild.validate.metrics.
+text of `mixbuild validate` (mixbuild.validate.data.default_texts) followed by the source of
+standard-library modules that are not in the calibration text (EVAL_MODULES), cut into
+--eval-rows sequences of --eval-seq-len tokens (64 x 128 = 8192 by default; the validate text
+alone is 1197 tokens, too few to tell a 1% difference): top-1 agreement, mean
+KL(reference || candidate), relative perplexity change, router flip rate (the chosen expert
+set, all layers), with mixbuild.validate.metrics; and, for mixbuild against llm-compressor at
+each precision, 95% intervals of the differences in top-1 and perplexity delta by a paired
+bootstrap over the sequences.
 
 Caveat, the same for every fp8 row: transformers 5.24 + compressed-tensors runs fp8 experts
 dequantized (it has no activation quantization for fused experts; attention projections do use
@@ -126,15 +131,56 @@ def fix_expert_names(directory: Path) -> int:
 
 # ---------------------------------------------------------------------------- evaluation
 
+# evaluation text beyond `mixbuild validate`'s own (1197 tokens: too few to tell 1% apart):
+# the source of standard-library modules that are not in the calibration text
+# (mixbuild.quant.calibrate.CALIBRATION_MODULES)
+EVAL_MODULES = ("copy", "queue", "sched", "shutil", "tempfile", "tokenize", "traceback", "weakref",
+                "zipfile", "gettext")
+
+
 def eval_batch(seq_len: int, rows: int):
+    import importlib
+    import inspect
+
     import numpy as np
     from tokenizers import Tokenizer
 
+    from mixbuild.quant.calibrate import CALIBRATION_MODULES
     from mixbuild.validate.data import default_texts
 
-    ids = Tokenizer.from_file(str(FIXTURE / "tokenizer.json")).encode(default_texts()[0]).ids
+    if set(EVAL_MODULES) & set(CALIBRATION_MODULES):
+        raise SystemExit("an evaluation module is also calibration text")
+    text = "\n\n".join(default_texts() + [inspect.getsource(importlib.import_module(m))
+                                           for m in EVAL_MODULES])
+    ids = Tokenizer.from_file(str(FIXTURE / "tokenizer.json")).encode(text).ids
     rows = min(rows, len(ids) // seq_len)
     return np.asarray(ids[:rows * seq_len], dtype=np.int64).reshape(rows, seq_len)
+
+
+def paired_interval(reference, a, b, ids, samples: int = 4000, seed: int = 0) -> dict:
+    """95% intervals of (a - b) for top-1 agreement and perplexity delta, by a paired bootstrap
+    over the evaluation sequences (a and b scored on the same resampled rows)."""
+    import numpy as np
+
+    def per_row(logits):      # next-token: argmax and negative log-likelihood per position
+        x = logits[:, :-1].astype(np.float64)
+        x = x - x.max(-1, keepdims=True)
+        logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+        nll = -np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
+        return logits[:, :-1].argmax(-1), nll.sum(-1)
+
+    ref_top, ref_nll = per_row(reference[0])
+    (a_top, a_nll), (b_top, b_nll) = per_row(a[0]), per_row(b[0])
+    a_hits, b_hits = (a_top == ref_top).sum(-1), (b_top == ref_top).sum(-1)
+    positions = ids.shape[1] - 1
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, ids.shape[0], (samples, ids.shape[0]))
+    n = positions * ids.shape[0]
+    top1 = (a_hits[pick].sum(-1) - b_hits[pick].sum(-1)) / n
+    ppl_ref = np.exp(ref_nll[pick].sum(-1) / n)
+    ppl = (np.exp(a_nll[pick].sum(-1) / n) - np.exp(b_nll[pick].sum(-1) / n)) / ppl_ref
+    return {"top1": [float(np.percentile(top1, 2.5)), float(np.percentile(top1, 97.5))],
+            "ppl_delta": [float(np.percentile(ppl, 2.5)), float(np.percentile(ppl, 97.5))]}
 
 
 def hf_outputs(path: Path, ids):
@@ -244,7 +290,7 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=1024)
     parser.add_argument("--calib-seq-len", type=int, default=128)
     parser.add_argument("--eval-seq-len", type=int, default=128)
-    parser.add_argument("--eval-rows", type=int, default=16)
+    parser.add_argument("--eval-rows", type=int, default=64)
     parser.add_argument("--vllm", action="store_true", help="also try vLLM's CPU build")
     parser.add_argument("--skip-llmcompressor", action="store_true")
     parser.add_argument("--reuse", action="store_true",
@@ -293,12 +339,18 @@ def main() -> None:
 
     ids = eval_batch(args.eval_seq_len, args.eval_rows)
     reference = hf_outputs(FIXTURE, ids)
-    results = {}
+    results, outputs = {}, {}
     for name, path in paths.items():
-        results[name] = {**score(reference, hf_outputs(path, ids), ids),
+        outputs[name] = hf_outputs(path, ids)
+        results[name] = {**score(reference, outputs[name], ids),
                          "quantize_s": round(timings[name], 1), "path": str(path)}
+    pairs = {"fp8": ("mixbuild fp8 (channel)", "llm-compressor FP8"),
+             "int4": ("mixbuild int4 (awq+gptq)", "llm-compressor GPTQ W4A16")}
+    differences = {p: {"of": a, "minus": b, **paired_interval(reference, outputs[a], outputs[b], ids)}
+                   for p, (a, b) in pairs.items() if a in outputs and b in outputs}
 
-    print(f"\neval: {ids.shape[0]} x {ids.shape[1]} tokens of the validate text; reference "
+    print(f"\neval: {ids.shape[0]} x {ids.shape[1]} tokens (the validate text and the source of "
+          f"{', '.join(EVAL_MODULES)}); reference "
           f"perplexity {results[next(iter(results))]['ppl_ref']:.3f} (bf16 fixture, transformers)")
     header = f"{'checkpoint':28} {'top-1':>7} {'KL':>9} {'ppl delta':>10} {'router flips':>13} {'time s':>7}"
     print(header)
@@ -310,7 +362,11 @@ def main() -> None:
     report = {"fixture": FIXTURE.name, "calibration": {"sequences": int(tokens.shape[0]),
                                                       "seq_len": int(tokens.shape[1])},
               "eval": {"rows": int(ids.shape[0]), "seq_len": int(ids.shape[1])},
-              "results": results}
+              "results": results, "differences_95": differences}
+    for p, d in differences.items():
+        print(f"{p}: {d['of']} - {d['minus']}, paired bootstrap 95%: top-1 "
+              f"[{d['top1'][0]:+.4f}, {d['top1'][1]:+.4f}], ppl delta "
+              f"[{d['ppl_delta'][0]:+.4%}, {d['ppl_delta'][1]:+.4%}]")
     if args.vllm:
         prompts = [ids[0, :12].tolist(), ids[1, :7].tolist()]
         report["vllm"] = {name: try_vllm(path, work, prompts)

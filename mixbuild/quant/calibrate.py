@@ -19,6 +19,7 @@ from mixbuild.contract import Precision
 from mixbuild.errors import CheckpointError, UsageError
 from mixbuild.model.checkpoint import Checkpoint
 from mixbuild.model.reference import DecoderLayer, RMSNorm, attention_bias, rope_tables
+from mixbuild.plugins import formats
 from mixbuild.quant import awq
 from mixbuild.quant.config import Int4Method, LmHead, QuantConfig
 from mixbuild.quant.quantize import HEAD, QuantStore, SmoothedWeights, quantize_matrix
@@ -143,9 +144,14 @@ def calibrate(ckpt: Checkpoint, config: QuantConfig, store: QuantStore,
     for index in track(range(spec.num_layers), total=spec.num_layers, label="calibrating layers",
                        enabled=progress):
         layer = load_layer(ckpt, index)
-        hidden, result, acts = _calibrate_layer(layer, hidden, (cos, sin, bias, empty), config)
+        out, result, acts = _calibrate_layer(layer, hidden, (cos, sin, bias, empty), config)
         results.append(result)
-        store.save(index, _quantize_layer(index, smoothed, result, acts, config))
+        tensors = _quantize_layer(index, smoothed, result, acts, config)
+        store.save(index, tensors)
+        if config.propagate:   # the next layer calibrates on what the quantized layers give it
+            quantized = _dequantized_layer(ckpt, index, smoothed, tensors, config)
+            out = _forward(quantized, hidden, (cos, sin, bias, empty))
+        hidden = out
     if config.lm_head.quantized:
         store.save(HEAD, _quantize_lm_head(ckpt, hidden, config, store))
     return results
@@ -165,6 +171,37 @@ def _quantize_lm_head(ckpt: Checkpoint, hidden: Tensor, config: QuantConfig,
     q, scale, wq = quantize_matrix(w, x, None, config, bits=8 if config.lm_head is LmHead.INT8 else 4)
     store.head_error = awq.relative_error(w, wq)
     return {"lm_head.weight": (q, scale)}
+
+
+def _dequantized_layer(ckpt: Checkpoint, index: int, smoothed: SmoothedWeights, tensors,
+                       config: QuantConfig) -> DecoderLayer:
+    """Layer `index` as the artifact computes it (weight rounding; activations in float): the
+    smoothed norms and router, and the dequantized linears and experts of `tensors`."""
+    layer = DecoderLayer(ckpt.spec)
+    prefix = f"layers.{index}."
+    fp8 = config.precision is Precision.FP8
+
+    def dequantize(q: Tensor, scale: Tensor) -> Tensor:   # [N, K] or [E, N, K] codes
+        batched = q if q.dim() == 3 else q[None]
+        s = scale if q.dim() == 3 else scale[None]
+        w = (formats.dequantize_fp8(batched, s) if fp8
+             else formats.dequantize_int4(batched, s, config.group_size))
+        return w if q.dim() == 3 else w[0]
+
+    with torch.no_grad():
+        for name in ("input_norm.weight", "post_norm.weight", "moe.gate.weight"):
+            layer.get_parameter(name).copy_(smoothed(prefix + name))
+        for name in ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight",
+                     "attn.o_proj.weight", "moe.w_gate_up", "moe.w_down"):
+            layer.get_parameter(name).copy_(dequantize(*tensors[prefix + name]))
+    return layer.float().eval()
+
+
+def _forward(layer: DecoderLayer, x: Tensor, attn_args) -> Tensor:
+    """The decoder layer's output on x (the residual stream after attention and MoE)."""
+    cos, sin, bias, empty = attn_args
+    x = x + layer.attn(layer.input_norm(x), cos, sin, bias, empty, empty)[0]
+    return x + layer.moe(layer.post_norm(x))[0]
 
 
 def _calibrate_layer(layer: DecoderLayer, x: Tensor, attn_args, config: QuantConfig):

@@ -43,8 +43,19 @@ class QuantConfig:
     awq_grid: int = 20                  # alphas 0, 1/grid, ..., 1
     gptq: bool = True                   # GPTQ rounding (error feedback) instead of nearest
     lm_head: LmHead = LmHead.FLOAT      # int4: lm_head quantized too (GPTQ on the final norm's output)
+    # calibrate layer i + 1 on quantized layer i's output (None: the precision's default, int4
+    # yes, fp8 no: measured on the fixture, docs/precision.md)
+    propagate: bool | None = None
+    # an expert's GPTQ Hessian: this share from its routed tokens, the rest from all tokens
+    # (None: the precision's default, int4 0.3, fp8 0.9)
+    routed_weight: float | None = None
 
     def __post_init__(self) -> None:
+        int4 = self.precision is Precision.INT4
+        if self.propagate is None:
+            object.__setattr__(self, "propagate", int4)
+        if self.routed_weight is None:
+            object.__setattr__(self, "routed_weight", 0.3 if int4 else 0.9)
         self.validate()
 
     def validate(self) -> None:
@@ -56,6 +67,9 @@ class QuantConfig:
         if self.calib_tokens < self.calib_seq_len or self.calib_seq_len < 8:
             raise UsageError("calibration needs at least one sequence of >= 8 tokens",
                              found=f"{self.calib_tokens} tokens in sequences of {self.calib_seq_len}")
+        if not 0.0 <= self.routed_weight <= 1.0:
+            raise UsageError("the experts' routed-token weight must be in [0, 1]",
+                             found=str(self.routed_weight))
         if not isinstance(self.lm_head, LmHead):
             raise UsageError("unknown lm_head quantization", expected="float | int8 | int4",
                              found=repr(self.lm_head))
@@ -109,4 +123,6 @@ class QuantConfig:
                 "calib_file": Path(self.calib_file).name if self.calib_file else None,
                 "calib_tokens": self.calib_tokens, "calib_seq_len": self.calib_seq_len,
                 "rounding": "gptq" if self.gptq else "nearest",
-                "lm_head": self.lm_head.value}
+                "lm_head": self.lm_head.value,
+                "inputs": "quantized layers" if self.propagate else "float layers",
+                "expert_routed_weight": self.routed_weight}

@@ -118,32 +118,36 @@ class _Fp8Columns:
         return q, self.scale if per_channel else self.scale[:1].reshape(())
 
 
-class _IntColumns:
-    """GPTQ column quantizer for grouped symmetric INT4 (or INT8, bits=8: lm_head): each
-    group's scales come from the (updated) weights when GPTQ reaches the group, as in the
-    original algorithm."""
+INT4_SCALE_DIVISOR = 7.5   # amax / 7.5, codes in [-8, 7]: compressed-tensors' symmetric int4
 
-    def __init__(self, w: Tensor, group: int, bits: int = 4) -> None:
-        self.group, self.bits = group, bits
+
+class _IntColumns:
+    """GPTQ column quantizer for grouped symmetric INT4 (or INT8, bits=8: lm_head). The group
+    scales are static: computed from the (smoothed) weight before GPTQ starts, so that the
+    columns can be visited in any order (`order`: the visiting position -> the column; GPTQ's
+    act order, most active input channels first, as llm-compressor's "static" act order)."""
+
+    def __init__(self, w: Tensor, group: int, bits: int = 4, order: Tensor | None = None) -> None:
+        self.group, self.bits, self.order = group, bits, order
         self.low, self.high = ((formats.INT4_MIN, formats.INT4_MAX) if bits == 4
                                else (-formats.INT8_MAX, formats.INT8_MAX))
-        self.scales: list[Tensor] = []
+        divisor = INT4_SCALE_DIVISOR if bits == 4 else formats.INT8_MAX
+        amax = torch.stack([g.abs().amax(dim=-1) for g in w.split(group, dim=-1)], dim=-1)
+        scale = torch.where(amax > 0, amax / divisor, torch.ones_like(amax))
+        self.scales = scale.half().float()            # stored in fp16: round with it [N, groups]
 
     def __call__(self, col: Tensor, k: int, w: Tensor) -> Tensor:
-        if k % self.group == 0:
-            amax = w[:, k:k + self.group].abs().amax(dim=-1).float()
-            scale = torch.where(amax > 0, amax / self.high, torch.ones_like(amax))
-            self.scales.append(scale.half().float())  # stored in fp16: round with it
-        scale = self.scales[-1]
+        column = int(self.order[k]) if self.order is not None else k
+        scale = self.scales[:, column // self.group]
         return torch.round(col / scale).clamp(self.low, self.high) * scale
 
     def encode(self, wq: Tensor) -> tuple[Tensor, Tensor]:
-        """(codes, scale [N, groups] fp16): int4 packed two per byte [N, K/2], int8 [N, K]."""
-        scale = torch.stack(self.scales, dim=-1)                       # [N, groups]
-        full = scale.repeat_interleave(self.group, dim=-1)[:, :wq.shape[1]]
+        """(codes, scale [N, groups] fp16) of wq (original column order): int4 packed two per
+        byte [N, K/2], int8 [N, K]."""
+        full = self.scales.repeat_interleave(self.group, dim=-1)[:, :wq.shape[1]]
         codes = torch.round(wq / full).clamp(self.low, self.high)
         packed = formats.pack_int4(codes) if self.bits == 4 else codes.to(torch.int8)
-        return packed, scale.half()
+        return packed, self.scales.half()
 
 
 def quantize_matrix(w: Tensor, x: Tensor | None, routed: Tensor | None, config: QuantConfig,
@@ -153,16 +157,18 @@ def quantize_matrix(w: Tensor, x: Tensor | None, routed: Tensor | None, config: 
     bits: the int width (8 for an int8 lm_head) when the precision is int4."""
     w = w.float()
     fp8 = config.precision is Precision.FP8
-    cols = (_Fp8Columns(w, config.fp8_per_channel) if fp8
-            else _IntColumns(w, config.group_size, bits))
+
+    def columns(order):
+        return (_Fp8Columns(w, config.fp8_per_channel) if fp8
+                else _IntColumns(w, config.group_size, bits, order))
     if config.gptq and x is not None:
-        h = G.hessian(x, routed)
-        if fp8:  # act order: the most active input channels first (scales do not depend on order)
-            order = torch.argsort(torch.diag(h), descending=True)
-            wq = G.gptq(w[:, order], h[order][:, order], cols)[:, torch.argsort(order)]
-        else:
-            wq = G.gptq(w, h, cols)
+        # act order: the most active input channels first (the scales do not depend on order)
+        h = G.hessian(x, routed, config.routed_weight)
+        order = torch.argsort(torch.diag(h), descending=True)
+        cols = columns(order)
+        wq = G.gptq(w[:, order], h[order][:, order], cols)[:, torch.argsort(order)]
     else:
+        cols = columns(None)
         wq = torch.stack([cols(w[:, k], k, w) for k in range(w.shape[1])], dim=1)
     q, scale = cols.encode(wq, config.fp8_per_channel) if fp8 else cols.encode(wq)
     return q, scale, wq

@@ -90,7 +90,7 @@ def test_fp8_accuracy_on_trained_fixture(reports):
 
 def test_int4_accuracy_on_trained_fixture(reports):
     m = reports["int4"].metrics
-    assert_matches_readme("int4", m)   # README.md: top-1 0.921, KL 0.023, ppl +1.1%
+    assert_matches_readme("int4", m)   # README.md: top-1 0.930, KL 0.021, ppl +1.0%
     assert all(layer.router_flip_rate is not None for layer in reports["int4"].layers)
 
 
@@ -308,3 +308,37 @@ def test_fp8_error_budget_emulation_reproduces_onnx_runtime(quantized, fixture_d
     weights_only = budget.torch_logits(emulation.model(budget.Row("w", True, ())), batch)
     assert np.array_equal(off, reference)
     assert np.abs(weights_only - reference).max() > 1e-2
+
+
+@pytest.mark.parametrize("propagate", [True, False])
+def test_int4_calibrates_each_layer_on_what_the_quantized_layers_compute(fixture_dir, tmp_path,
+                                                                          monkeypatch, propagate):
+    """With propagation (int4's default) layer i + 1 is calibrated on the hidden states the
+    quantized artifact itself computes for layer i; without it, on the float layer's (which
+    differ from the artifact's by the quantization error)."""
+    import mixbuild.quant.calibrate as C
+    from mixbuild.contract import Debug
+    from mixbuild.model.checkpoint import Checkpoint
+    from mixbuild.runtime.ort_runner import OrtRunner
+    from mixbuild.runtime.runner import prefill_feeds
+
+    seen = []
+    original = C._calibrate_layer
+
+    def spy(layer, x, *rest):
+        seen.append(x.clone())
+        return original(layer, x, *rest)
+
+    monkeypatch.setattr(C, "_calibrate_layer", spy)
+    quant = QuantConfig.parse("int4", calib_tokens=64, calib_seq_len=32, propagate=propagate)
+    artifact = export_checkpoint(fixture_dir, tmp_path / "a", quant=quant, debug_outputs=True,
+                                 layout="concat", progress=False)
+    assert json.loads((artifact / "mixbuild.json").read_text())["quantization"]["inputs"] == (
+        "quantized layers" if propagate else "float layers")
+    tokens = C.calibration_tokens(Checkpoint(fixture_dir), quant).numpy()
+    runner = OrtRunner(artifact, threads=1, fast_quantized=False)
+    out = runner.infer(prefill_feeds(runner.spec, tokens, np.ones_like(tokens)))
+    for layer in (1, 2):
+        want = out[Debug.HIDDEN.name_for(layer - 1)]
+        error = np.linalg.norm(seen[layer].numpy() - want) / np.linalg.norm(want)
+        assert (error < 1e-4) if propagate else (error > 1e-3), (layer, error)
