@@ -77,25 +77,12 @@ def test_stored_lm_head_is_the_gptq_weight(heads, kind, bound, fixture_dir):
 
 
 def test_int8_head_runs_as_8bit_matmulnbits_close_to_the_body(heads, tmp_path):
-    import onnxruntime as ort
+    from tests.runtime.test_ort_quant import optimized
 
     path = heads["int8", "concat"]
-    target = tmp_path / "optimized.onnx"
-    original = ort.SessionOptions
-
-    class Saving(original):
-        def __init__(self):
-            super().__init__()
-            self.optimized_model_filepath = str(target)
-
-    ort.SessionOptions = Saving
-    try:
-        fast = OrtRunner(path, threads=1)
-    finally:
-        ort.SessionOptions = original
+    fast, graph = optimized({}, path, tmp_path)
     nbits = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-             for n in onnx.load(str(target), load_external_data=False).graph.node
-             if n.op_type == "MatMulNBits"]
+             for n in graph.graph.node if n.op_type == "MatMulNBits"]
     assert sorted(a["bits"] for a in nbits) == [4] * 12 + [8]
     assert {a["accuracy_level"] for a in nbits if a["bits"] == 8} == {4}
     assert fast.kernels["lm_head"].startswith("MatMulNBits int8")
