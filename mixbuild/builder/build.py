@@ -27,6 +27,16 @@ from mixbuild.contract import ENGINE_KIND, Layout
 from mixbuild.errors import ArtifactError, MixbuildError, UsageError
 
 LOG_TAIL_LINES = 25
+# builder failures seen here, by a line of their log -> what to do instead
+KNOWN_FAILURES = {
+    "Graph contains more than one op named":
+        "TensorRT-RTX 1.7's Myelin compiler fails this way on serving-layout artifacts built with "
+        "--max-batch 1 and --max-step-tokens below 64: pass --max-batch 2 or more, or "
+        "--max-step-tokens 64 or more",
+    "Attention operation was not supported by a dedicated kernel":
+        "TensorRT's attention kernels take fp16 or bf16: export the artifact with --dtype fp16 "
+        "(or bf16) for an engine",
+}
 
 
 class EngineBuildError(MixbuildError):
@@ -183,7 +193,10 @@ def _worker_error(adapter, code: int, error_path: Path, log_path: Path,
         cls = {"UsageError": UsageError, "ArtifactError": ArtifactError}.get(error["class"],
                                                                              EngineBuildError)
         found = error["found"] or (tail or None)
-        return cls(error["what"], expected=error["expected"], found=found, hint=error["hint"])
+        known = next((hint for line, hint in KNOWN_FAILURES.items() if line in "\n".join(lines)),
+                     None)
+        return cls(error["what"], expected=error["expected"], found=found,
+                   hint=known or error["hint"])
     how = f"signal {-code}" if code < 0 else f"exit code {code}"
     return EngineBuildError(f"the {adapter.backend.label} build process crashed ({how})",
                             found=tail or "no output", hint="nothing was written; rerun with "

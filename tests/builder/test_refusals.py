@@ -107,3 +107,19 @@ def test_a_crashed_build_process_is_reported_and_leaves_nothing(trt, artifacts, 
     message = refused(artifacts["fp16"], tmp_path / "engine", r"build process crashed \(signal 6\)",
                       error=build_module.EngineBuildError)
     assert "terminate called" in message
+
+
+@pytest.mark.parametrize("limits, dtype, hint", [
+    ({"max_batch": 1, "max_step_tokens": 16, "max_context": 64}, "fp16", "--max-batch 2 or more"),
+    ({"max_batch": 2, "max_step_tokens": 16, "max_context": 64}, "fp32", "--dtype fp16"),
+])
+def test_known_builder_failures_say_what_to_do(trt, fixture_dir, tmp_path, limits, dtype, hint):
+    """Two failures TensorRT-RTX reports only deep in its log get a hint that names the fix."""
+    from mixbuild.exporter.export import export_checkpoint
+
+    artifact = export_checkpoint(fixture_dir, tmp_path / "a", dtype=dtype, layout="serving",
+                                 progress=False)
+    with pytest.raises(UsageError) as info:
+        build_engine(artifact, tmp_path / "engine", backend="tensorrt-rtx", compute_capability="8.9",
+                     opt_level=0, progress=False, **limits)
+    assert hint in info.value.hint and not (tmp_path / "engine").exists()
