@@ -256,11 +256,15 @@ def add_tokenizer(checkpoint: Path) -> None:
     (checkpoint / "tokenizer_config.json").write_text((FIXTURE / "tokenizer_config.json").read_text())
 
 
-def mixbuild_artifact(name: str, checkpoint: Path, work: Path, log: Path) -> Path:
-    out = work / f"{name}-serving-fp32"
+def mixbuild_artifact(name: str, checkpoint: Path, work: Path, log: Path,
+                      export_args: tuple[str, ...] = ()) -> Path:
+    """The serving-layout artifact the mixbuild servers run: fp32, or what `export_args`
+    (extra `mixbuild export` options, e.g. --precision int4 --lm-head int8) make."""
+    slug = "".join(f"-{a.strip('-')}" for a in export_args) if export_args else "-fp32"
+    out = work / f"{name}-serving{slug}"
     if not (out / "mixbuild.json").is_file():
         _run_logged([sys.executable, "-m", "mixbuild", "export", str(checkpoint), "-o", str(out),
-                     "--layout", "serving", "--dtype", "fp32", "--overwrite"], log,
+                     "--layout", "serving", "--dtype", "fp32", "--overwrite", *export_args], log,
                     what="mixbuild export --layout serving")
     return out
 
@@ -336,6 +340,7 @@ class Load:
     point_timeout_s: float
     rounds: int
     serve_args: tuple[str, ...] = ()     # extra `mixbuild serve` options (both mixbuild servers)
+    export_args: tuple[str, ...] = ()    # extra `mixbuild export` options of their artifact
 
     @property
     def context(self) -> int:
@@ -351,7 +356,8 @@ def server_command(server: str, model: str, checkpoint: Path, work: Path, load: 
         text = mixbuild_serve_help()
         if server == "threads" and "--no-batching" not in text:
             raise BenchError("`mixbuild serve` has no --no-batching option")
-        artifact = mixbuild_artifact(model, checkpoint, work, logs / f"export-{model}.log")
+        artifact = mixbuild_artifact(model, checkpoint, work, logs / f"export-{model}.log",
+                                     load.export_args)
         cmd = [sys.executable, "-m", "mixbuild", "serve", str(artifact), *common,
                "--max-batch", str(max(load.clients)), "--max-context", str(load.context)]
         for flag, values in (("--threads", [str(load.threads)]), ("--no-access-log", [])):
@@ -750,6 +756,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--serve-args", default="",
                         help="Extra `mixbuild serve` options, e.g. '--step-tokens 1024'.")
+    parser.add_argument("--export-args", default="",
+                        help="Extra `mixbuild export` options of the mixbuild servers' artifact, "
+                             "e.g. '--precision int4 --lm-head int8' (default: fp32).")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="Compute threads of every server.")
@@ -803,7 +812,8 @@ def main() -> None:
     from generation import bench_models
 
     load = Load(args.clients, args.requests_per_client, args.prompt_tokens, args.output_tokens,
-                args.threads, args.point_timeout, args.rounds, tuple(args.serve_args.split()))
+                args.threads, args.point_timeout, args.rounds, tuple(args.serve_args.split()),
+                tuple(args.export_args.split()))
     points: list[Point] = []
     skip_large = args.skip_large or GOAL_MODEL not in args.models
     for model, checkpoint in bench_models(work, skip_large):
@@ -816,6 +826,7 @@ def main() -> None:
     print(f"\n{args.prompt_tokens}-token prompts, {args.output_tokens} output tokens (greedy, "
           f"end-of-sequence suppressed), {args.requests_per_client} streamed requests per client, "
           f"best of {args.rounds} rounds, "
+          f"{'mixbuild artifact: ' + args.export_args + '; peers ' if args.export_args else ''}"
           f"fp32, {args.threads} threads per server, CPU ({os.cpu_count()} cores), 127.0.0.1\n")
     print(render(points))
     print()
