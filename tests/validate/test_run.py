@@ -4,14 +4,13 @@ import json
 import shutil
 
 import numpy as np
-import onnx
 import pytest
 from click.testing import CliRunner
 
 from mixbuild.cli import main
 from mixbuild.exporter.export import export_checkpoint
-from mixbuild.exporter.manifest import write_manifest
 from mixbuild.validate.run import validate_artifact
+from tests.validate.damage import edit_initializer
 
 
 @pytest.fixture(scope="session")
@@ -23,19 +22,11 @@ def debug_artifact(fixture_dir, tmp_path_factory):
 def damage_expert(artifact, dst, layer, expert, factor=1.5):
     """Scale one expert's gate_up rows inside model.onnx.data and re-hash, so the artifact
     looks valid but computes something else."""
-    shutil.copytree(artifact, dst)
-    model = onnx.load(str(dst / "model.onnx"), load_external_data=False)
-    tensor = next(t for t in model.graph.initializer if t.name == f"layers.{layer}.moe.w_gate_up")
-    info = {e.key: int(e.value) for e in tensor.external_data if e.key in ("offset", "length")}
-    data = np.memmap(dst / "model.onnx.data", dtype=np.float32, mode="r+",
-                     offset=info["offset"], shape=tuple(tensor.dims))
-    data[expert] *= factor
-    data.flush()
-    del data
-    manifest = json.loads((dst / "mixbuild.json").read_text())
-    manifest.pop("files")
-    write_manifest(dst, manifest)
-    return dst
+
+    def scale(w):
+        w[expert] *= factor
+        return w
+    return edit_initializer(artifact, dst, f"layers.{layer}.moe.w_gate_up", scale)
 
 
 def test_clean_artifact_passes_with_full_agreement(debug_artifact, fixture_dir, tmp_path):
