@@ -13,8 +13,8 @@ import sys
 import click
 
 from mixbuild import __version__
-from mixbuild.contract import ACCURACY_LEVEL_HELP
 from mixbuild.errors import MixbuildError
+from mixbuild.serve.cli import accuracy_level_option, serve  # light: click only; the server loads on use
 
 INTERNAL_ERROR = 70   # EX_SOFTWARE: a bug in mixbuild (1 is validate's "a check failed")
 
@@ -257,8 +257,7 @@ def export(checkpoint: str, out: str, dtype: str, precision: str, calib: str | N
 @click.option("--overwrite", is_flag=True,
               help="Replace the -o directory if it holds an earlier mixbuild validation report "
                    "(the default report directory is always replaced).")
-@click.option("--accuracy-level", type=click.Choice(["1", "4"]), default="1", show_default=True,
-              help=ACCURACY_LEVEL_HELP)
+@accuracy_level_option
 @handles_errors
 def validate(artifacts: tuple[str, ...], reference: str, out: str | None, prompts: str | None,
              max_tokens: int, max_sequences: int, steps: int, long: int | None,
@@ -348,8 +347,7 @@ def engine(artifact, out, backend, compute_capability, moe, max_batch, max_step_
 @click.option("--stop-token-id", "stop_token_ids", type=click.IntRange(min=0), multiple=True,
               help="Stop token id (repeatable).")
 @click.option("--ignore-eos", is_flag=True, default=None, help="Keep going past end-of-sequence.")
-@click.option("--accuracy-level", type=click.Choice(["1", "4"]), default="1", show_default=True,
-              help=ACCURACY_LEVEL_HELP)
+@accuracy_level_option
 @handles_errors
 def run(model_dir: str, prompt: str, backend: str, device: str, stream: bool, chat: bool,
         threads: int | None, accuracy_level: str, **sampling) -> None:
@@ -373,7 +371,6 @@ def demo(out: str) -> None:
     sys.exit(run_demo(out))
 
 
-from mixbuild.serve.cli import serve  # noqa: E402 - light: click only; the server loads on use
 
 serve.callback = handles_errors(serve.callback)
 main.add_command(serve)

@@ -12,9 +12,14 @@ from pathlib import Path
 
 import click
 
-from mixbuild.contract import ACCURACY_LEVEL_HELP
+from mixbuild.contract import ACCURACY_LEVEL_HELP, ACCURACY_LEVELS
 
 DEFAULT_DRAIN_TIMEOUT = 30.0
+
+# `--accuracy-level`, as `mixbuild run`, `serve` and `validate` take it
+accuracy_level_option = click.option(
+    "--accuracy-level", type=click.Choice([str(k) for k in ACCURACY_LEVELS]), default="1",
+    show_default=True, help=ACCURACY_LEVEL_HELP)
 
 
 @click.command()
@@ -53,8 +58,7 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
               help="Seconds Ctrl-C / SIGTERM waits for running requests before cancelling them.")
 @click.option("--access-log/--no-access-log", default=True, show_default=True,
               help="Log one line per HTTP request.")
-@click.option("--accuracy-level", type=click.Choice(["1", "4"]), default="1", show_default=True,
-              help=ACCURACY_LEVEL_HELP)
+@accuracy_level_option
 def serve(model_dir: str, host: str, port: int, max_batch: int, max_context: int | None,
           max_queue: int, step_tokens: int, threads: int | None, backend: str, device: str | None,
           api_key: str | None, model_name: str | None, no_batching: bool, drain_timeout: float,
