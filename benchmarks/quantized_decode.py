@@ -69,16 +69,20 @@ BATCH = 8                          # the batched figure (mixbuild only: llama-cp
 def child_mixbuild(artifact: str, threads: int, tokens: int, repeats: int, mode: str) -> dict:
     """mode: "1" / "4" (the fast kernels at that accuracy level) or "body"."""
     import mixbuild.runtime as rt
-    from mixbuild.runtime.api import Model
+    from mixbuild.runtime.api import LoadOptions, Model
     from mixbuild.runtime.ort_runner import OrtRunner
+    from mixbuild.runtime.sampling import GenerationDefaults
     from mixbuild.runtime.steps import FeedStep
+    from mixbuild.runtime.tokenizer import Tokenizer
 
-    model = rt.load(artifact, threads=threads, max_batch=BATCH,
-                    accuracy_level=1 if mode == "body" else int(mode))
-    if mode == "body":
+    if mode == "body":   # one session only: the body's (the resident memory is its own)
         runner = OrtRunner(artifact, threads=threads, fast_quantized=False)
-        model = Model(FeedStep(runner), runner.spec, model.tokenizer, model.defaults,
-                      model.options, "ort")
+        spec = runner.spec
+        model = Model(FeedStep(runner), spec, Tokenizer.from_dir(Path(artifact)),
+                      GenerationDefaults.read(Path(artifact), spec.eos_token_id, spec.vocab_size),
+                      LoadOptions(max_batch=BATCH, threads=threads), "ort")
+    else:
+        model = rt.load(artifact, threads=threads, max_batch=BATCH, accuracy_level=int(mode))
     kernels = getattr(getattr(model.step, "runner", None), "kernels", None)
     loaded_rss = _rss_mib()
     ids = _prompt_ids(model)
