@@ -124,7 +124,7 @@ class GraphQuantizer:
 
     def _quantize_gemm_head(self) -> int:
         """The serving layout's lm_head is Gemm(x, W [V, H], transB=1) (no bias): it becomes
-        MatMul(x, DQ(W_int4 [H, V])), the pattern of the attention linears."""
+        MatMul(x, DQ(W_q [H, V])) (int4 or int8), the pattern of the attention linears."""
         import onnx_ir as ir
 
         for node in list(self.graph):
