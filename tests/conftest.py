@@ -21,20 +21,6 @@ from mixbuild.model.presets import PRESETS
 FIXTURE = Path(__file__).resolve().parents[1] / "mixbuild" / "fixtures" / "tiny-code"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def concat_by_default():
-    """Tests written against the concat layout (past in, present out: most of the runtime,
-    exporter, validate and builder tests) export it when they name no layout; the serving
-    layout is exported by name where it is tested, and mixbuild's real default (serving) in
-    a fresh process by tests/exporter/test_export.py::test_the_default_layout_is_serving."""
-    from mixbuild.contract import Layout
-    from mixbuild.exporter import export
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(export, "DEFAULT_LAYOUT", Layout.CONCAT)
-        yield
-
-
 def save_hf_checkpoint(spec, out: Path, dtype=torch.float32, shard_kb: int | None = 64,
                        seed: int = 0, init_std: float = 0.08) -> Path:
     """A random MixtralForCausalLM for `spec`, saved with save_pretrained (sharded by default)."""
@@ -89,10 +75,67 @@ def edit_json(path: Path, **changes) -> None:
 
 
 @pytest.fixture(scope="session")
-def fixture_fp32_artifact(fixture_dir, tmp_path_factory) -> Path:
-    """The trained fixture exported once per session (fp32, no debug outputs), for tests that
-    only read it or copy it before damaging it."""
+def fixture_export(fixture_dir, tmp_path_factory):
+    """`fixture_export(**options)`: the trained fixture exported with export_checkpoint's
+    `options`, once per test session. Every module that asks for the same options gets the same
+    directory, so an export several modules need is made once. Read-only: tests that damage an
+    artifact copy it first (tests/validate/test_shipped.py checks validate never writes)."""
     from mixbuild.exporter.export import export_checkpoint
 
-    return export_checkpoint(fixture_dir, tmp_path_factory.mktemp("fp32-artifact") / "fp32",
-                             progress=False)
+    root = tmp_path_factory.mktemp("exports")
+    made: dict[tuple, Path] = {}
+
+    def get(**options) -> Path:
+        key = tuple(sorted(options.items()))
+        if key not in made:
+            made[key] = export_checkpoint(fixture_dir, root / f"export-{len(made)}",
+                                          progress=False, **options)
+        return made[key]
+
+    return get
+
+
+# The small calibration most tests need (64 tokens in sequences of 32, nearest rounding): the
+# quantized graph, its kernels and files, not its accuracy, which tests/quant/ measures at the
+# README's calibration.
+SMALL_CALIB = {"calib_tokens": 64, "calib_seq_len": 32, "gptq": False}
+
+
+def small_quant(precision: str, **options):
+    from mixbuild.quant.config import QuantConfig
+
+    return QuantConfig.parse(precision, **SMALL_CALIB, **options)
+
+
+@pytest.fixture(scope="session")
+def fixture_fp32_artifact(fixture_export) -> Path:
+    """The trained fixture exported with the defaults (fp32, serving layout, no debug outputs),
+    for tests that only read it or copy it before damaging it."""
+    return fixture_export()
+
+
+@pytest.fixture(scope="session")
+def fixture_concat_artifact(fixture_export) -> Path:
+    """The trained fixture in the concat layout (past in, present out, every position's
+    logits): for the tests of that contract and of its clients (Optimum, onnxruntime-genai,
+    fp32 TensorRT engines, the per-call runtime steps)."""
+    return fixture_export(layout="concat")
+
+
+@pytest.fixture(scope="session")
+def shipped(fixture_dir, tmp_path_factory) -> dict[str, Path]:
+    """The fixture exported at fp8 and int4 the way the README does: `mixbuild export FIXTURE -o
+    OUT --precision P` with the CLI's default settings (serving layout, the README's calibration,
+    no debug outputs). Read-only: tests that damage one copy it."""
+    from click.testing import CliRunner
+
+    from mixbuild.cli import main
+
+    root = tmp_path_factory.mktemp("shipped")
+    out = {}
+    for precision in ("fp8", "int4"):
+        result = CliRunner().invoke(main, ["export", str(fixture_dir), "-o", str(root / precision),
+                                           "--precision", precision])
+        assert result.exit_code == 0, result.output
+        out[precision] = root / precision
+    return out

@@ -62,18 +62,14 @@ def assert_refused(result, *lines: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def quantized(fixture_dir, tmp_path_factory) -> dict[str, Path]:
-    """The trained fixture as int4 (RTN, group 128) and fp8 fp16 artifacts, calibrated on as
-    little as the quantizer allows: only the graphs and manifests matter here."""
-    from mixbuild.exporter.export import export_checkpoint
-    from mixbuild.quant.config import QuantConfig
+def quantized(fixture_export) -> dict[str, Path]:
+    """The trained fixture as int4 (RTN, group 128) and fp8 fp16 artifacts of the default
+    layout, calibrated on as little as the quantizer allows: only the graphs and manifests
+    matter here (the builder's serving artifacts, shared)."""
+    from tests.builder.conftest import engine_artifacts
 
-    root = tmp_path_factory.mktemp("quantized")
-    calib = {"calib_tokens": 64, "calib_seq_len": 32, "gptq": False}
-    configs = {"int4": QuantConfig.parse("int4", int4_method="rtn", **calib),
-               "fp8": QuantConfig.parse("fp8", **calib)}
-    return {name: export_checkpoint(fixture_dir, root / name, dtype="fp16", quant=q, progress=False)
-            for name, q in configs.items()}
+    artifacts = engine_artifacts(fixture_export)
+    return {name: artifacts[name] for name in ("int4", "fp8")}
 
 
 # ------------------------------------------------------------------ edited values (the graph)
@@ -343,10 +339,11 @@ def test_spec_from_dict_refuses_malformed_specs_cleanly(data, message):
 # ------------------------------------------------------------------------------- engine.json
 
 @pytest.fixture(scope="module")
-def engine(fixture_fp32_artifact, tmp_path_factory) -> Path:
-    """A TensorRT-RTX engine of the fp32 fixture, compiled ahead of time (no GPU needed)."""
+def engine(fixture_concat_artifact, tmp_path_factory) -> Path:
+    """A TensorRT-RTX engine of the fp32 fixture, compiled ahead of time (no GPU needed); fp32
+    engines are concat-layout ones (TensorRT's attention layer takes fp16 or bf16)."""
     out = tmp_path_factory.mktemp("engine") / "engine"
-    result = run("engine", fixture_fp32_artifact, "-o", out, *ENGINE_ARGS)
+    result = run("engine", fixture_concat_artifact, "-o", out, *ENGINE_ARGS)
     assert result.exit_code == 0, result.output
     return out
 
@@ -426,7 +423,7 @@ def test_an_engine_manifest_that_contradicts_its_source_is_refused(engine, tmp_p
     assert digest(copy) == before
 
 
-def test_the_engine_and_its_source_agree(engine, fixture_fp32_artifact):
+def test_the_engine_and_its_source_agree(engine, fixture_concat_artifact):
     result = run("inspect", engine)
     assert result.exit_code == 0, result.output
     assert "verified" in result.output

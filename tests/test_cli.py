@@ -84,7 +84,7 @@ def test_engine_command_and_inspect(fixture_dir, tmp_path):
 
     artifact = export_checkpoint(fixture_dir, tmp_path / "fp16", dtype="fp16", progress=False)
     built = run("engine", artifact, "-o", tmp_path / "engine", "--cc", "8.9", "--opt-level", "0",
-                "--max-step-tokens", "16", "--max-context", "64")
+                "--max-step-tokens", "64", "--max-context", "64")
     assert built.exit_code == 0, built.output
     shown = run("inspect", tmp_path / "engine", "--json")
     assert shown.exit_code == 0, shown.output
@@ -93,7 +93,7 @@ def test_engine_command_and_inspect(fixture_dir, tmp_path):
     assert layers["moe_plugin_layers"] == 6
     assert sum(1 for layer in layers["items"] if layer["moe_plugin"]) == 6
     inline = run("engine", artifact, "-o", tmp_path / "inline", "--cc", "8.9", "--moe", "inline",
-                 "--opt-level", "0", "--max-step-tokens", "16", "--max-context", "64")
+                 "--opt-level", "0", "--max-step-tokens", "64", "--max-context", "64")
     assert inline.exit_code == 0, inline.output
     assert json.loads(run("inspect", tmp_path / "inline", "--json").output)["plugins"] == []
     refused = run("engine", artifact, "-o", tmp_path / "sm90", "--cc", "9.0")

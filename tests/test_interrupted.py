@@ -145,11 +145,11 @@ def _processes_under(path: Path) -> list[int]:
 ], ids=["SIGTERM-while-building", "SIGTERM-before-rename", "SIGKILL-while-building",
         "SIGKILL-before-rename"])
 def test_a_killed_engine_build_leaves_nothing_valid_and_the_next_run_succeeds(
-        tmp_path, fixture_fp32_artifact, sig, moment):
+        tmp_path, fixture_concat_artifact, sig, moment):
     from mixbuild.builder.inspect import inspect_engine
 
     artifact = tmp_path / "artifact"
-    shutil.copytree(fixture_fp32_artifact, artifact)
+    shutil.copytree(fixture_concat_artifact, artifact)   # fp32 engines: the concat layout
     before = digest(artifact)
     out = tmp_path / "out"
     proc = build(artifact, out)

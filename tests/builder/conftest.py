@@ -36,26 +36,21 @@ def trt():
     return tensorrt_rtx
 
 
+def engine_artifacts(fixture_export, **options) -> dict[str, Path]:
+    """The trained fixture as fp16, int4 (RTN) and fp8 fp16 artifacts with the small calibration
+    (engines do not depend on how the weights were rounded), shared across the test session."""
+    from tests.conftest import small_quant
+
+    quant = {"fp16": None, "int4": small_quant("int4", int4_method="rtn"), "fp8": small_quant("fp8")}
+    return {name: fixture_export(dtype="fp16", quant=q, **options) for name, q in quant.items()}
+
+
 @pytest.fixture(scope="session")
-def artifacts(fixture_dir, tmp_path_factory) -> dict[str, Path]:
-    """The trained fixture exported as fp16, int4 (RTN) and fp8 artifacts."""
-    from mixbuild.exporter.export import export_checkpoint
-    from mixbuild.quant.config import QuantConfig
-
-    root = tmp_path_factory.mktemp("artifacts")
-    calib = {"calib_tokens": 64, "calib_seq_len": 32, **_fastest_rounding(QuantConfig)}
-    quant = {"fp16": None, "int4": QuantConfig.parse("int4", int4_method="rtn", **calib),
-             "fp8": QuantConfig.parse("fp8", **calib)}
-    return {name: export_checkpoint(fixture_dir, root / name, dtype="fp16", quant=q, progress=False)
-            for name, q in quant.items()}
-
-
-def _fastest_rounding(config_cls) -> dict:
-    """Round-to-nearest where the quantizer offers a slower error-feedback rounding: engines do
-    not depend on how the weights were rounded, and the export is what dominates test time."""
-    from dataclasses import fields
-
-    return {"gptq": False} if "gptq" in {f.name for f in fields(config_cls)} else {}
+def artifacts(fixture_export) -> dict[str, Path]:
+    """Concat-layout artifacts: engines for the past-in / present-out contract (the serving
+    layout's engines, what `mixbuild engine` builds from a default export, are
+    tests/builder/test_serving_engine.py's)."""
+    return engine_artifacts(fixture_export, layout="concat")
 
 
 @pytest.fixture(scope="session")

@@ -8,21 +8,12 @@ from collections import Counter
 
 import pytest
 
-from tests.builder.conftest import LIMITS, PRECISIONS, TARGET, _fastest_rounding, manifest
+from tests.builder.conftest import LIMITS, PRECISIONS, TARGET, engine_artifacts, manifest
 
 
 @pytest.fixture(scope="module")
-def serving_artifacts(fixture_dir, tmp_path_factory):
-    from mixbuild.exporter.export import export_checkpoint
-    from mixbuild.quant.config import QuantConfig
-
-    root = tmp_path_factory.mktemp("serving-artifacts")
-    calib = {"calib_tokens": 64, "calib_seq_len": 32, **_fastest_rounding(QuantConfig)}
-    quant = {"fp16": None, "int4": QuantConfig.parse("int4", int4_method="rtn", **calib),
-             "fp8": QuantConfig.parse("fp8", **calib)}
-    return {name: export_checkpoint(fixture_dir, root / name, dtype="fp16", quant=q,
-                                    layout="serving", progress=False)
-            for name, q in quant.items()}
+def serving_artifacts(fixture_export):
+    return engine_artifacts(fixture_export)     # the default layout: serving
 
 
 @pytest.mark.parametrize("moe", ["plugin", "inline"])
@@ -47,18 +38,13 @@ def test_serving_engines_use_tensorrt_kv_cache_and_attention_layers(trt, serving
     assert (types["PLUGIN_V3"] == 2 * layers) == (moe == "plugin")
 
 
-def test_a_quantized_lm_head_reaches_tensorrt_as_a_dequantize_layer(trt, fixture_dir, tmp_path):
+def test_a_quantized_lm_head_reaches_tensorrt_as_a_dequantize_layer(trt, fixture_export, tmp_path):
     """`--lm-head int8` on an int4 artifact: the engine builds, and the head's blocked INT8
     DequantizeLinear is a TensorRT Dequantize layer (one more than the attention linears')."""
     from mixbuild.builder.build import build_engine
-    from mixbuild.exporter.export import export_checkpoint
-    from mixbuild.quant.config import QuantConfig
+    from tests.conftest import small_quant
 
-    calib = {"calib_tokens": 64, "calib_seq_len": 32, **_fastest_rounding(QuantConfig)}
-    artifact = export_checkpoint(fixture_dir, tmp_path / "int8-head", dtype="fp16",
-                                 quant=QuantConfig.parse("int4", int4_method="rtn", lm_head="int8",
-                                                         **calib),
-                                 layout="serving", progress=False)
+    artifact = fixture_export(dtype="fp16", quant=small_quant("int4", int4_method="rtn", lm_head="int8"))
     out = build_engine(artifact, tmp_path / "engine", backend="tensorrt-rtx",
                        compute_capability=TARGET, moe="plugin", opt_level=0, progress=False, **LIMITS)
     items = manifest(out)["layers"]["items"]

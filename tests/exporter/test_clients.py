@@ -13,7 +13,6 @@ import pytest
 import mixbuild.runtime as rt
 from mixbuild.contract import GENAI_CONFIG_FILE, HF_CONFIG_FILE, ONNX_FILE
 from mixbuild.exporter.artifact import Artifact
-from mixbuild.exporter.export import export_checkpoint
 from mixbuild.model.spec import MixtralSpec
 from mixbuild.runtime.sampling import GenerationDefaults
 from tests.conftest import edit_json
@@ -42,9 +41,9 @@ GENAI_LLM_TYPES = {"decoder", "llama", "mistral"}  # a part of src/models/model_
 
 
 @pytest.fixture(scope="module")
-def artifact(fixture_dir, tmp_path_factory):
-    return export_checkpoint(fixture_dir, tmp_path_factory.mktemp("clients") / "fp32",
-                             progress=False)
+def artifact(fixture_concat_artifact):
+    """Optimum and onnxruntime-genai read the concat layout (`--layout concat`)."""
+    return fixture_concat_artifact
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,9 @@
-"""mixbuild export: ONNX Runtime on the artifact computes what transformers computes."""
+"""mixbuild export: ONNX Runtime on the artifact computes what transformers computes.
+
+These are the concat layout's tests (past in, present out: every position's logits, the names
+Optimum and onnxruntime-genai use), so every export here names `layout="concat"`; the default
+serving layout's graph, runtime and equivalence are tests/serving/test_serving_layout.py's, and
+test_the_default_layout_is_serving runs the default end to end."""
 
 import json
 import subprocess
@@ -23,13 +28,13 @@ TOL = 1e-4
 @pytest.fixture(scope="session")
 def artifacts(hf_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("artifacts")
-    return {name: export_checkpoint(path, root / name, progress=False)
+    return {name: export_checkpoint(path, root / name, layout="concat", progress=False)
             for name, path in hf_checkpoints.items() if name != "tiny"}
 
 
 @pytest.fixture(scope="session")
-def fixture_artifact(fixture_dir, tmp_path_factory):
-    return export_checkpoint(fixture_dir, tmp_path_factory.mktemp("fx") / "fp32", progress=False)
+def fixture_artifact(fixture_concat_artifact):
+    return fixture_concat_artifact
 
 
 @pytest.mark.parametrize("name", ["tiny-e4k1-mqa", "tiny-e8k3-mha"])
@@ -99,8 +104,10 @@ def test_polygraphy_runs_the_artifact(artifacts):
 
 
 def test_bf16_and_fp16_export(bf16_checkpoint, tmp_path):
-    fp16 = export_checkpoint(bf16_checkpoint, tmp_path / "fp16", dtype="fp16", progress=False)
-    bf16 = export_checkpoint(bf16_checkpoint, tmp_path / "bf16", dtype="bf16", progress=False)
+    fp16 = export_checkpoint(bf16_checkpoint, tmp_path / "fp16", dtype="fp16", layout="concat",
+                             progress=False)
+    bf16 = export_checkpoint(bf16_checkpoint, tmp_path / "bf16", dtype="bf16", layout="concat",
+                             progress=False)
     size16 = PRESETS["tiny"].param_counts()["total"] * 2
     for path in (fp16, bf16):
         data = (path / "model.onnx.data").stat().st_size

@@ -15,9 +15,6 @@ from mixbuild.quant import awq
 from mixbuild.quant.config import QuantConfig
 from mixbuild.validate.run import validate_artifact
 
-# The calibration of the README's measured rows: `mixbuild export ... --precision fp8|int4`
-# with its defaults (--calib-tokens 4096, sequences of 256, the built-in text).
-CALIB = {"calib_tokens": 4096, "calib_seq_len": 256}
 README = Path(__file__).resolve().parents[2] / "README.md"
 _CLAIM = re.compile(r"top-1 (?P<top1>\d\.\d+)(?: \((?P<hits>\d+)/(?P<n>\d+), 95% interval "
                     r"(?P<low>\d\.\d+)-(?P<high>\d\.\d+)\))?, KL (?P<kl>\d\.\d+), "
@@ -25,10 +22,11 @@ _CLAIM = re.compile(r"top-1 (?P<top1>\d\.\d+)(?: \((?P<hits>\d+)/(?P<n>\d+), 95%
 
 
 @pytest.fixture(scope="session")
-def quantized(fixture_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("quant")
-    return {p: export_checkpoint(fixture_dir, root / p, debug_outputs=True, progress=False,
-                                 quant=QuantConfig.parse(p, **CALIB)) for p in ("fp8", "int4")}
+def quantized(shipped):
+    """The README's measured rows come from `mixbuild export FIXTURE --precision fp8|int4` with
+    the CLI's defaults (--calib-tokens 4096, sequences of 256, the built-in text, the serving
+    layout): the session's shipped artifacts (tests/conftest.py)."""
+    return shipped
 
 
 @pytest.fixture(scope="session")
@@ -152,7 +150,7 @@ def test_manifest_records_calibration(quantized, fixture_dir):
     assert quant["precision"] == "int4" and quant["int4_method"] == "awq" and quant["group_size"] == 128
     assert len(quant["layers"]) == spec.num_layers
     for layer in quant["layers"]:
-        assert sum(layer["routed_tokens"]) == CALIB["calib_tokens"] * spec.top_k
+        assert sum(layer["routed_tokens"]) == QuantConfig.calib_tokens * spec.top_k   # the default
         assert len(layer["expert_rel_error"]["down"]) == spec.num_experts
         assert set(layer["awq_alpha"]) >= {"attn", "moe", "down"}
     assert (quantized["int4"] / "expert_load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -277,9 +275,10 @@ def test_bad_quant_options(fixture_dir, tmp_path, hf_checkpoints):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
 
-def test_fp8_error_budget_emulation_reproduces_onnx_runtime(quantized, fixture_dir, monkeypatch):
+def test_fp8_error_budget_emulation_reproduces_onnx_runtime(fixture_export, fixture_dir, monkeypatch):
     """benchmarks/fp8_error_budget.py attributes the fp8 error to its quantizers with a torch
-    re-run of the artifact's own weights and scales; that re-run must be the artifact's numbers."""
+    re-run of the artifact's own weights and scales; that re-run must be the artifact's numbers
+    (all-position logits: a concat artifact; any calibration: the small one)."""
     import importlib.util
     import sys
     from pathlib import Path
@@ -287,16 +286,18 @@ def test_fp8_error_budget_emulation_reproduces_onnx_runtime(quantized, fixture_d
     from mixbuild.runtime.ort_runner import OrtRunner
     from mixbuild.runtime.runner import prefill_feeds
     from mixbuild.validate.data import evaluation_batches
+    from tests.conftest import small_quant
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "fp8_error_budget.py"
     spec_ = importlib.util.spec_from_file_location("fp8_error_budget", path)
     budget = importlib.util.module_from_spec(spec_)
     monkeypatch.setitem(sys.modules, "fp8_error_budget", budget)  # dataclasses look it up there
     spec_.loader.exec_module(budget)
-    emulation = budget.Fp8Emulation(quantized["fp8"], fixture_dir)
+    artifact = fixture_export(quant=small_quant("fp8"), layout="concat")
+    emulation = budget.Fp8Emulation(artifact, fixture_dir)
     batch = evaluation_batches(fixture_dir / "tokenizer.json", max_tokens=128, batch_size=4,
                                bos_id=1, max_sequences=4)[0]
-    runner = OrtRunner(quantized["fp8"])
+    runner = OrtRunner(artifact)
     ort = runner.infer(prefill_feeds(runner.spec, batch.input_ids, batch.attention_mask))["logits"]
     full = budget.torch_logits(emulation.model(budget.ROWS[0]), batch)
     diff = np.abs(full - ort).max(axis=-1)

@@ -8,17 +8,18 @@ PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\nclass Config", "    
 
 
 @pytest.fixture(scope="session")
-def runtime_artifact(fixture_dir, tmp_path_factory):
-    from mixbuild.exporter.export import export_checkpoint
-
-    return export_checkpoint(fixture_dir, tmp_path_factory.mktemp("runtime") / "fp32", progress=False)
+def runtime_artifact(fixture_concat_artifact):
+    """The per-call runtime's steps (FeedStep, BoundOrtStep, OrtValueStep) run the concat
+    layout; the serving layout's scheduler is tests/serving/'s and tests/serve/'s."""
+    return fixture_concat_artifact
 
 
 @pytest.fixture(scope="session")
-def ort_model(runtime_artifact):
+def ort_model(fixture_fp32_artifact):
+    """What users get: the default export (serving layout) through `load`'s scheduler."""
     import mixbuild.runtime as rt
 
-    return rt.load(runtime_artifact, threads=1)
+    return rt.load(fixture_fp32_artifact, threads=1)
 
 
 @pytest.fixture(scope="session")

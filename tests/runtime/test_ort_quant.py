@@ -12,7 +12,6 @@ import onnx
 import pytest
 
 from mixbuild.contract import LOGITS
-from mixbuild.exporter.export import export_checkpoint
 from mixbuild.runtime.ort_runner import OrtRunner
 from mixbuild.runtime.runner import left_pad, prefill_feeds
 
@@ -20,15 +19,12 @@ PROMPTS = [[1, 755, 912, 300, 41, 7, 9], [1, 40, 41], [1, 1000, 1001, 1002, 1003
 
 
 @pytest.fixture(scope="module")
-def quantized(fixture_dir, tmp_path_factory):
-    from mixbuild.quant.config import QuantConfig
+def quantized(fixture_export):
+    """Concat-layout int4 and fp8 artifacts (all-position logits for the comparisons), the
+    small calibration; the serving layout's rewrites are tested below."""
+    from tests.conftest import small_quant
 
-    root = tmp_path_factory.mktemp("quantized")
-    out = {}
-    for precision in ("int4", "fp8"):
-        quant = QuantConfig.parse(precision, calib_tokens=64, calib_seq_len=32, gptq=False)
-        out[precision] = export_checkpoint(fixture_dir, root / precision, quant=quant, progress=False)
-    return out
+    return {p: fixture_export(quant=small_quant(p), layout="concat") for p in ("int4", "fp8")}
 
 
 def optimized(runner_kwargs: dict, artifact, tmp_path) -> tuple[OrtRunner, onnx.ModelProto]:
@@ -106,13 +102,11 @@ def test_generation_on_the_fast_kernels_matches_the_bodies(quantized):
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
 
 
-def test_the_serving_layout_combines_both_rewrites(fixture_dir, tmp_path):
-    from mixbuild.quant.config import QuantConfig
+def test_the_serving_layout_combines_both_rewrites(fixture_export):
     from mixbuild.runtime.steps import ServingStep
+    from tests.conftest import small_quant
 
-    quant = QuantConfig.parse("int4", calib_tokens=64, calib_seq_len=32, gptq=False)
-    artifact = export_checkpoint(fixture_dir, tmp_path / "s", quant=quant, layout="serving",
-                                 progress=False)
+    artifact = fixture_export(quant=small_quant("int4"))    # the default layout: serving
     fast = OrtRunner(artifact, threads=1)
     plain = OrtRunner(artifact, threads=1, fast_attention=False, fast_quantized=False)
     assert fast.kernels["attention"] == "GroupQueryAttention x3" and "QMoE" in fast.kernels["experts"]
@@ -132,14 +126,13 @@ def test_the_serving_layout_combines_both_rewrites(fixture_dir, tmp_path):
     ("int4", 8, False),                      # group 8 < QMoE's 16: the body stays
     ("fp8", None, True),
 ])
-def test_other_groups_one_token_and_empty_experts(fixture_dir, tmp_path, precision, group, fused):
+def test_other_groups_one_token_and_empty_experts(fixture_export, precision, group, fused):
     """The fast kernels agree with the bodies at other group sizes, on a one-token prompt and a
     ragged batch (most experts get no token)."""
-    from mixbuild.quant.config import QuantConfig
+    from tests.conftest import small_quant
 
     extra = {"group_size": group} if group else {}
-    quant = QuantConfig.parse(precision, calib_tokens=64, calib_seq_len=32, gptq=False, **extra)
-    artifact = export_checkpoint(fixture_dir, tmp_path / "a", quant=quant, progress=False)
+    artifact = fixture_export(quant=small_quant(precision, **extra), layout="concat")
     fast = OrtRunner(artifact, threads=1)
     body = OrtRunner(artifact, threads=1, fast_quantized=False)
     vocab = fast.spec.vocab_size

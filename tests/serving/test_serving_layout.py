@@ -303,18 +303,16 @@ def test_the_fast_path_computes_what_the_artifact_does(fixture_serving):
 
 
 @pytest.mark.parametrize("precision", ["fp8", "int4"])
-def test_quantized_serving_artifacts_compute_what_the_concat_ones_do(fixture_dir, tmp_path, precision):
+def test_quantized_serving_artifacts_compute_what_the_concat_ones_do(fixture_export, precision):
     """Same calibration, same quantized weights: the serving layout's last-token logits equal
     the concat layout's on a batch of different prompt lengths (only the attention kernels
     differ)."""
-    from mixbuild.quant.config import QuantConfig
     from mixbuild.runtime.runner import left_pad, prefill_feeds
+    from tests.conftest import small_quant
 
-    quant = QuantConfig.parse(precision, calib_tokens=64, calib_seq_len=32, gptq=False)
-    concat = OrtRunner(export_checkpoint(fixture_dir, tmp_path / "c", quant=quant, progress=False),
-                       threads=1)
-    serving = OrtRunner(export_checkpoint(fixture_dir, tmp_path / "s", quant=quant,
-                                          layout="serving", progress=False), threads=1)
+    quant = small_quant(precision)
+    concat = OrtRunner(fixture_export(quant=quant, layout="concat"), threads=1)
+    serving = OrtRunner(fixture_export(quant=quant), threads=1)   # the default layout
     prompts = [[1, 755, 912, 300, 41, 7, 9], [1, 40, 41], [1, 1000, 1001, 1002, 1003]]
     ids, mask = left_pad(prompts, 0)
     want = concat.infer(prefill_feeds(concat.spec, ids, mask))[LOGITS][:, -1]

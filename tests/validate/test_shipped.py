@@ -25,19 +25,6 @@ QUICK = {"max_sequences": 4, "steps": 4, "progress": False, "plot": False}
 
 
 @pytest.fixture(scope="session")
-def shipped(fixture_dir, tmp_path_factory):
-    """The fixture exported the way the README does, with the CLI's default settings."""
-    root = tmp_path_factory.mktemp("shipped")
-    out = {}
-    for precision in ("fp8", "int4"):
-        result = CliRunner().invoke(main, ["export", str(fixture_dir), "-o", str(root / precision),
-                                           "--precision", precision])
-        assert result.exit_code == 0, result.output
-        out[precision] = root / precision
-    return out
-
-
-@pytest.fixture(scope="session")
 def single_reports(shipped, fixture_dir):
     return {p: validate_artifact(path, fixture_dir, progress=False)[0] for p, path in shipped.items()}
 
@@ -73,6 +60,18 @@ def test_validate_never_changes_the_shipped_files(shipped, fixture_dir, tmp_path
     assert {p: digests(d) for p, d in shipped.items()} == before
 
 
+def serving_prefill(spec, seed: int, rows: int, seq: int, lengths: list[int], capacity: int = 16):
+    """Feeds of one serving-layout prefill: `rows` prompts of `lengths` tokens into empty caches."""
+    from mixbuild.contract import cache_pairs
+
+    feeds = {"input_ids": np.random.default_rng(seed).integers(3, spec.vocab_size, (rows, seq)),
+             "position_ids": np.tile(np.arange(seq), (rows, 1)),
+             "cache_lengths": np.zeros(rows, np.int64), "input_lengths": np.array(lengths)}
+    for name, _ in cache_pairs(spec.num_layers):
+        feeds[name] = np.zeros((rows, spec.num_kv_heads, capacity, spec.head_dim), np.float32)
+    return feeds
+
+
 @pytest.mark.parametrize("precision", ["fp8", "int4"])
 def test_the_diagnostic_session_computes_the_shipped_numbers(shipped, precision):
     artifact = Artifact.open(shipped[precision])
@@ -80,12 +79,9 @@ def test_the_diagnostic_session_computes_the_shipped_numbers(shipped, precision)
     found = {}
     plain = OrtRunner(artifact)
     diag = OrtRunner(artifact, graph_rewrite=lambda m: found.setdefault(
-        "e", expose(m, spec.num_layers, onnx.TensorProto.FLOAT, False, False)))
+        "e", expose(m, spec.num_layers, onnx.TensorProto.FLOAT, True, False)))
     assert diag.kernels == plain.kernels               # the same runtime rewrites
-    from mixbuild.runtime.runner import prefill_feeds
-
-    ids = np.random.default_rng(0).integers(3, spec.vocab_size, (2, 12))
-    feeds = prefill_feeds(spec, ids, np.ones_like(ids))
+    feeds = serving_prefill(spec, 0, 2, 12, [12, 12])
     a, b = plain.infer(feeds), found["e"].rename(diag.infer(feeds))
     assert all(np.array_equal(a[k], b[k]) for k in a)  # bit for bit
     assert b["debug.2.expert_ids"].shape == (24, spec.top_k)
@@ -132,9 +128,8 @@ def test_several_artifacts_equal_their_single_runs(shipped, single_reports, fixt
 
 
 @pytest.fixture(scope="session")
-def serving_fixture(fixture_dir, tmp_path_factory):
-    return export_checkpoint(fixture_dir, tmp_path_factory.mktemp("serving") / "fp32",
-                             layout="serving", progress=False)
+def serving_fixture(fixture_fp32_artifact):
+    return fixture_fp32_artifact          # the default export: the serving layout
 
 
 def test_serving_layout_on_the_fixture(serving_fixture, fixture_dir, tmp_path):
@@ -148,8 +143,6 @@ def test_serving_layout_on_the_fixture(serving_fixture, fixture_dir, tmp_path):
 
 
 def test_serving_all_position_logits_equal_the_shipped_last_ones(serving_fixture):
-    from mixbuild.contract import cache_pairs
-
     artifact = Artifact.open(serving_fixture)
     spec = artifact.spec
     found = {}
@@ -157,11 +150,7 @@ def test_serving_all_position_logits_equal_the_shipped_last_ones(serving_fixture
     diag = OrtRunner(artifact, graph_rewrite=lambda m: found.setdefault(
         "e", expose(m, spec.num_layers, onnx.TensorProto.FLOAT, True, False)))
     rows, seq = 2, 9
-    feeds = {"input_ids": np.random.default_rng(1).integers(3, spec.vocab_size, (rows, seq)),
-             "position_ids": np.tile(np.arange(seq), (rows, 1)),
-             "cache_lengths": np.zeros(rows, np.int64), "input_lengths": np.array([9, 5])}
-    for name, _ in cache_pairs(spec.num_layers):
-        feeds[name] = np.zeros((rows, spec.num_kv_heads, 16, spec.head_dim), np.float32)
+    feeds = serving_prefill(spec, 1, rows, seq, [9, 5])
     last = plain.infer(feeds)["logits"]
     every = diag.infer(feeds)[ALL_LOGITS].reshape(rows, seq, -1)
     assert np.array_equal(every[0, 8], last[0]) and np.array_equal(every[1, 4], last[1])
@@ -179,9 +168,9 @@ def test_serving_layout_on_an_odd_config(hf_checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["concat", "serving"])
-def test_long_inputs_are_compared_chunk_by_chunk(fixture_fp32_artifact, serving_fixture,
+def test_long_inputs_are_compared_chunk_by_chunk(fixture_concat_artifact, serving_fixture,
                                                  fixture_dir, layout):
-    artifact = fixture_fp32_artifact if layout == "concat" else serving_fixture
+    artifact = fixture_concat_artifact if layout == "concat" else serving_fixture
     chunked, _ = validate_artifact(artifact, fixture_dir, long=300, chunk=128, max_sequences=1,
                                    steps=2, progress=False, plot=False)
     assert chunked.passed, chunked.failed_checks
