@@ -83,21 +83,24 @@ def inspect(path: str, as_json: bool, no_values: bool, config_only: bool) -> Non
     A checkpoint: spec, parameter counts, sizes, and every tensor's name, shape and values.
     An artifact (has mixbuild.json): verifies every file's sha256, prints the ONNX contract,
     op counts and sizes. An engine (engine.plan + engine.json): verifies the plan, prints the
-    profiles, I/O and layers with the MoE plugin layers marked.
+    profiles, I/O and layers with the MoE plugin layers marked. A quantized checkpoint
+    (`export --format hf | hf-modelopt`): verifies every file's sha256, prints its format,
+    precision and files.
     """
-    from pathlib import Path
 
     from mixbuild import inspect as insp
-    from mixbuild.builder.cli import is_engine_dir
-    from mixbuild.contract import MANIFEST_FILE
+    from mixbuild.runtime.opener import ModelDir, ModelKind
 
-    if is_engine_dir(path):
+    kind = ModelDir.resolve(path).kind
+    if kind is ModelKind.ENGINE:
         from mixbuild.builder.inspect import inspect_engine, render_engine
 
         report, render = inspect_engine(path), render_engine
-    elif (Path(path) / MANIFEST_FILE).is_file():
+    elif kind is ModelKind.ARTIFACT:
         report = insp.inspect_artifact(path)
         render = insp.render_artifact
+    elif kind is ModelKind.HF_QUANTIZED:
+        report, render = insp.inspect_hf_quantized(path), insp.render_hf_quantized
     elif config_only:
         report, render = insp.inspect_config(path), insp.render_checkpoint
     else:

@@ -95,6 +95,41 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
     }
 
 
+def inspect_hf_quantized(path: str | Path) -> dict[str, Any]:
+    """Verify a quantized Hugging Face checkpoint written by `mixbuild export --format hf |
+    hf-modelopt` against its manifest (every file's sha256) and describe it."""
+    from mixbuild.model.spec import MixtralSpec
+    from mixbuild.runtime.hf_quantized import read_manifest
+
+    manifest = read_manifest(path)   # raises on a missing or corrupt file
+    spec = MixtralSpec.from_dict(manifest["spec"])
+    return {"kind": "quantized checkpoint", "path": str(path), "format": manifest["format"],
+            "precision": manifest["precision"], "spec": manifest["spec"],
+            "params": spec.param_counts(), "quantization": manifest["quantization"],
+            "files": manifest["files"], "hashes": "ok"}
+
+
+def render_hf_quantized(report: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    spec = report["spec"]
+    Console().print(f"[bold]mixbuild quantized checkpoint[/] {report['path']}  "
+                    f"{report['format']} [bold]{report['precision']}[/], {spec['num_layers']} "
+                    f"layers, {spec['num_experts']} experts (top-{spec['top_k']}), "
+                    f"{human_count(report['params']['total'])} parameters")
+    _render_files(report["files"])
+
+
+def _render_files(files: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("file", "size", "sha256", title="files (hashes verified)")
+    for name, entry in files.items():
+        table.add_row(name, human_bytes(entry["bytes"]), entry["sha256"][:16] + "...")
+    Console().print(table)
+
+
 def render_artifact(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -104,10 +139,7 @@ def render_artifact(report: dict[str, Any]) -> None:
     console.print(f"[bold]mixbuild artifact[/] {report['path']}  precision [bold]{report['precision']}[/]"
                   f", {spec['num_layers']} layers, {spec['num_experts']} experts (top-{spec['top_k']})"
                   f", {human_count(report['params']['total'])} parameters")
-    files = Table("file", "size", "sha256", title="files (hashes verified)")
-    for name, entry in report["files"].items():
-        files.add_row(name, human_bytes(entry["bytes"]), entry["sha256"][:16] + "...")
-    console.print(files)
+    _render_files(report["files"])
     io = Table("", "name", "dtype", title="ONNX contract")
     for kind in ("inputs", "outputs"):
         shown = report[kind] if len(report[kind]) <= 8 else report[kind][:5] + [{"name": "...", "dtype": ""}]

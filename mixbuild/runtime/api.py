@@ -22,27 +22,18 @@ from pathlib import Path
 
 from mixbuild.contract import (
     ACCURACY_LEVELS,
-    DATA_FILE,
-    ENGINE_MANIFEST_FILE,
-    MANIFEST_FILE,
-    ONNX_FILE,
-    PLAN_FILE,
     Backend,
     Device,
     Layout,
 )
-from mixbuild.errors import ArtifactError, MissingDependencyError, UsageError, choice
+from mixbuild.errors import MissingDependencyError, UsageError, choice
 from mixbuild.model.generation import token_ids
 from mixbuild.model.spec import MixtralSpec
 from mixbuild.runtime.generate import Request, Result, run_batch
+from mixbuild.runtime.opener import ModelDir, ModelKind
 from mixbuild.runtime.sampling import GenerationDefaults, SamplingParams
 from mixbuild.runtime.scheduler import DEFAULT_MAX_QUEUE, DEFAULT_STEP_TOKENS, Event, Handle
 from mixbuild.runtime.tokenizer import Tokenizer
-
-# What each backend opens, for detection and for error messages.
-_OPENS = {Backend.ORT: f"an ONNX artifact directory ({MANIFEST_FILE} + {ONNX_FILE} + {DATA_FILE})",
-          Backend.TORCH: "a Hugging Face checkpoint directory (config.json + *.safetensors)",
-          Backend.TRT: f"a TensorRT engine directory ({PLAN_FILE} + {ENGINE_MANIFEST_FILE})"}
 
 
 @dataclass(frozen=True)
@@ -91,22 +82,6 @@ class LoadOptions:
                              found="device='cpu'", hint="pass device='cuda'")
 
 
-def detect_backend(path: Path) -> Backend:
-    """Which backend opens `path`, from the files it holds."""
-    if not path.is_dir():
-        raise ArtifactError(f"model directory not found: {path}",
-                            expected=" or ".join(_OPENS.values()))
-    if (path / MANIFEST_FILE).is_file():
-        return Backend.ORT
-    if all((path / f).is_file() for f in (PLAN_FILE, ENGINE_MANIFEST_FILE)):
-        return Backend.TRT
-    if (path / "config.json").is_file():
-        return Backend.TORCH
-    raise ArtifactError(f"{path} is not a model directory mixbuild can run",
-                        expected=" or ".join(_OPENS.values()),
-                        found=", ".join(sorted(p.name for p in path.iterdir())[:8]) or "an empty directory")
-
-
 def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch: int = 8,
          max_context: int | None = None, threads: int | None = None, io_binding: bool = False,
          spinning: bool = True, layout: str | None = None, continuous_batching: bool = True,
@@ -141,19 +116,13 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch
                                 spinning=spinning, continuous_batching=continuous_batching,
                                 step_tokens=step_tokens, max_queue=max_queue,
                                 accuracy_level=accuracy_level)
-    path = Path(path)
-    found = detect_backend(path)
-    chosen = found if options.backend is Backend.AUTO else options.backend
-    if chosen is not found:
-        raise UsageError(f"backend '{chosen.value}' opens {_OPENS[chosen]}",
-                         found=f"{path} is {_OPENS[found]}",
-                         hint=f"use backend='{found.value}' or 'auto'")
-    if options.accuracy_level != 1 and chosen is not Backend.ORT:
-        raise UsageError(f"accuracy_level is an option of ONNX Runtime's int4 kernels, not of the "
-                         f"{chosen.value} backend", expected="accuracy_level=1 (the default)",
-                         found=f"accuracy_level={options.accuracy_level} for {path}",
-                         hint="drop the accuracy level, or run an int4 ONNX artifact")
-    step, spec = _OPENERS[chosen](path, options)
+    model_dir = ModelDir.resolve(path)
+    path = model_dir.path
+    chosen = model_dir.choose(options.backend, options.device, options.accuracy_level)
+    if model_dir.kind is ModelKind.HF_QUANTIZED:
+        step, spec = _open_hf_quantized(path, options)
+    else:
+        step, spec = _OPENERS[chosen](path, options)
     defaults = GenerationDefaults.read(path, spec.eos_token_id, spec.vocab_size)
     return Model(step, spec, Tokenizer.from_dir(path), defaults, options, chosen.value)
 
@@ -199,21 +168,12 @@ def _ort_providers(device: Device) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def _need_cuda(options: LoadOptions, backend: str) -> None:
-    import torch
-
-    if options.device is Device.CUDA and not torch.cuda.is_available():
-        raise UsageError(f"device='cuda' was asked for the {backend} backend, but torch sees no "
-                         "CUDA GPU", hint="pass device='cpu' (ort or torch backends)")
-
-
 def _open_torch(path: Path, options: LoadOptions):
     import torch
 
     from mixbuild.runtime.steps import FeedStep
     from mixbuild.runtime.torch_runner import TorchRunner
 
-    _need_cuda(options, "torch")
     if options.threads:
         torch.set_num_threads(options.threads)
     dtype = torch.float32 if options.device is Device.CPU else None
@@ -226,6 +186,26 @@ def _open_torch(path: Path, options: LoadOptions):
         return TorchServingStep(model, capacity, options.max_batch), model.spec
     runner = TorchRunner.from_checkpoint(path, dtype=dtype, device=options.device.value)
     return FeedStep(runner), runner.spec
+
+
+def _open_hf_quantized(path: Path, options: LoadOptions):
+    """A quantized Hugging Face checkpoint (`mixbuild export --format hf | hf-modelopt`) on the
+    torch backend, float32 on the CPU with the dequantization the serving engines apply
+    (mixbuild/runtime/hf_quantized.py); layout="serving" puts it behind the scheduler."""
+    import torch
+
+    from mixbuild.runtime.hf_quantized import load_model
+    from mixbuild.runtime.steps import FeedStep
+    from mixbuild.runtime.torch_runner import TorchRunner
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    model = load_model(path, layout=options.layout or Layout.CONCAT)
+    if options.layout is Layout.SERVING:
+        from mixbuild.runtime.steps import TorchServingStep
+
+        return TorchServingStep(model, _serving_capacity(options, model.spec), options.max_batch), model.spec
+    return FeedStep(TorchRunner(model)), model.spec
 
 
 def _open_trt(path: Path, options: LoadOptions):

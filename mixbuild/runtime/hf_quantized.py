@@ -35,6 +35,7 @@ from mixbuild.contract import (
     HF_FORMAT_VERSION,
     HF_INDEX_FILE,
     HF_MANIFEST_FILE,
+    Layout,
     Precision,
 )
 from mixbuild.errors import CheckpointError
@@ -225,15 +226,16 @@ def _quant_settings(path: Path, manifest: dict) -> tuple[Precision, int | None]:
 
 
 def load_model(path: str | Path, debug: bool = False, verify: bool = True,
-               fp8_expert_inputs: bool = True):
-    """mixbuild's reference MixtralModel (float32, CPU) holding the dequantized checkpoint, its
-    quantized linears and experts replaced by QuantLinear / QuantSparseMoE.
+               fp8_expert_inputs: bool = True, layout: Layout = Layout.CONCAT):
+    """mixbuild's reference model of `layout` (MixtralModel or ServingMixtralModel, float32,
+    CPU) holding the dequantized checkpoint, its quantized linears and experts replaced by
+    QuantLinear / QuantSparseMoE.
 
     `fp8_expert_inputs=False` leaves the fp8 experts' inputs unquantized (W8A16 experts), which
     is what transformers 5.24 + compressed-tensors computes on the CPU: it dequantizes the fused
     experts at load time and has no activation quantization for them (its attention
     projections do apply their static input scales). For comparisons with that library only."""
-    from mixbuild.model.reference import MixtralModel
+    from mixbuild.model.reference import model_class
 
     path = Path(path)
     manifest = read_manifest(path, verify)
@@ -241,7 +243,7 @@ def load_model(path: str | Path, debug: bool = False, verify: bool = True,
     precision, group = _quant_settings(path, manifest)
     read = _Tensors(path)
     with torch.device("meta"):
-        model = MixtralModel(spec, debug=debug)
+        model = model_class(layout)(spec, debug=debug)
     model.to_empty(device="cpu")
     model.float()
     with torch.no_grad():

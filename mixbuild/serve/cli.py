@@ -81,7 +81,7 @@ def serve(model_dir: str, host: str, port: int, max_batch: int, max_context: int
     name = model_name or Path(model_dir).resolve().name
     app = create_app(model, model_name=name, api_key=api_key, drain_timeout=drain_timeout)
     sock = _bind(host, port)
-    _banner(model, name, model_dir, sock.getsockname()[1], host, api_key, no_batching)
+    _banner(model, name, model_dir, sock.getsockname()[1], host, api_key)
     config = uvicorn.Config(app, log_level="info", access_log=access_log, lifespan="on",
                             timeout_graceful_shutdown=drain_timeout)
     with _exit_cleanly_on_signals():
@@ -93,50 +93,27 @@ def open_model(model_dir: str, *, backend: str = "auto", no_batching: bool = Fal
                max_batch: int = 8, max_context: int | None = None, max_queue: int = 256,
                step_tokens: int = 1024, threads: int | None = None, device: str | None = None,
                accuracy_level: int = 1):
-    """The Model the server runs: a serving-layout artifact (ort), a checkpoint (torch, in
-    the serving layout) or an engine built from a serving-layout artifact (trt, CUDA) behind
-    the continuous-batching scheduler; with no_batching, any artifact, checkpoint or engine
-    through the per-call runtime (batches of one)."""
-    from mixbuild.contract import Backend
-    from mixbuild.runtime.api import detect_backend, load
+    """The Model the server runs, opened through mixbuild.runtime.opener like every command:
+    a serving-layout artifact (ort), a checkpoint or a quantized Hugging Face checkpoint
+    (torch, in the serving layout) or an engine built from a serving-layout artifact (trt,
+    CUDA) behind the continuous-batching scheduler. A concat-layout artifact or engine has no
+    in-place cache to batch into: it is served through the per-call runtime (one request per
+    thread, as with no_batching), and the banner says so."""
+    from mixbuild.contract import Backend, Layout
+    from mixbuild.runtime.api import load
+    from mixbuild.runtime.opener import ModelDir
 
-    path = Path(model_dir)
-    found = detect_backend(path)
-    chosen = found if backend == "auto" else Backend(backend)
+    model_dir_ = ModelDir.resolve(model_dir)
+    chosen = model_dir_.backend if backend == "auto" else Backend(backend)
     device = device or ("cuda" if chosen is Backend.TRT else "cpu")
-    if chosen is Backend.ORT and found is Backend.ORT and not no_batching:
-        layout = _artifact_layout(path)
-        if layout != "serving":
-            raise _no_batching_error(path, layout)
-    model = load(path, backend=chosen.value, device=device,
-                 layout="serving" if chosen is Backend.TORCH else None,
-                 max_batch=1 if no_batching else max_batch, max_context=max_context,
-                 threads=threads, step_tokens=step_tokens, max_queue=max_queue,
-                 continuous_batching=not no_batching, accuracy_level=accuracy_level)
-    if not no_batching and not model.continuous_batching:
-        raise _no_batching_error(path, "concat")
-    return model
-
-
-def _artifact_layout(path: Path) -> str:
-    """The manifest's KV-cache layout, read before the (possibly large) model is loaded; the
-    runtime checks the manifest in full when it loads."""
-    from mixbuild.contract import MANIFEST_FILE
-    from mixbuild.errors import ArtifactError
-    from mixbuild.jsonfile import read_json_object
-
-    manifest = read_json_object(path / MANIFEST_FILE, ArtifactError, "artifact manifest")
-    layout = manifest.get("layout", "concat")
-    return layout if isinstance(layout, str) else "concat"
-
-
-def _no_batching_error(path: Path, layout: str):
-    from mixbuild.errors import UsageError
-
-    return UsageError(f"{path} has the {layout} KV-cache layout, which has no continuous batching",
-                      expected="a serving-layout artifact", found=f"layout '{layout}'",
-                      hint="re-export it with `mixbuild export CHECKPOINT -o DIR --layout serving`, "
-                           "or serve it one request per thread with --no-batching")
+    chosen = model_dir_.choose(chosen, device, accuracy_level)
+    if model_dir_.layout() is Layout.CONCAT:
+        no_batching = True
+    return load(model_dir_.path, backend=chosen.value, device=device,
+                layout="serving" if chosen is Backend.TORCH and not no_batching else None,
+                max_batch=1 if no_batching else max_batch, max_context=max_context,
+                threads=threads, step_tokens=step_tokens, max_queue=max_queue,
+                continuous_batching=not no_batching, accuracy_level=accuracy_level)
 
 
 def _bind(host: str, port: int):
@@ -158,13 +135,17 @@ def _bind(host: str, port: int):
     return sock
 
 
-def _banner(model, name: str, model_dir: str, port: int, host: str, api_key: str | None,
-            no_batching: bool) -> None:
+def _banner(model, name: str, model_dir: str, port: int, host: str, api_key: str | None) -> None:
     layout = "serving" if hasattr(model.step, "run") else "concat"
     click.echo(f"mixbuild serve: model '{name}' from {model_dir} ({model.backend} backend, "
                f"{layout} layout, context {model.context_limit} tokens)")
     options = model.options
-    if no_batching:
+    if layout == "concat":
+        click.echo("  warning: the concat KV-cache layout has no continuous batching: one thread "
+                   f"per request, at most {options.max_queue} at once; re-export with the default "
+                   "layout (`mixbuild export CKPT -o DIR`, --layout serving) to batch requests",
+                   err=True)
+    elif not model.continuous_batching:
         click.echo(f"  one thread per request (--no-batching), at most {options.max_queue} at once")
     else:
         click.echo(f"  continuous batching: {options.max_batch} slots, prefill chunks of "

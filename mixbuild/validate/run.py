@@ -23,7 +23,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixbuild.contract import ACCURACY_LEVELS, Backend, Device, DType, Precision
+from mixbuild.contract import Backend, Device, DType, Layout, Precision
 from mixbuild.errors import MissingDependencyError, UsageError, choice
 from mixbuild.model.checkpoint import Checkpoint
 from mixbuild.model.spec import MixtralSpec
@@ -181,47 +181,27 @@ def _batches(opened: _Opened, ckpt: Checkpoint, prompts, max_tokens, max_sequenc
 
 def _open(path: Path, backend: Backend, device: Device, dtype: str | None,
           accuracy_level: int = 1) -> _Opened:
-    from mixbuild.runtime.api import detect_backend
+    from mixbuild.runtime.opener import ModelDir, ModelKind
 
-    found = detect_backend(path)
-    chosen = found if backend is Backend.AUTO else backend
-    if chosen is not found:
-        raise UsageError(f"the {chosen.value} backend cannot validate {path}",
-                         expected=_OPENS[chosen], found=f"{path} is {_OPENS[found]}",
-                         hint=f"pass --backend {found.value} (or auto)")
+    model_dir = ModelDir.resolve(path)
+    chosen = model_dir.choose(backend, device, accuracy_level, verb="validate")
     if dtype is not None and chosen is not Backend.TORCH:
         raise UsageError(f"--dtype has no effect with the {chosen.value} backend",
                          expected="--dtype only with --backend torch",
                          found=f"--dtype {dtype}",
                          hint=f"drop --dtype: the {chosen.value} backend runs the dtype the "
                               "model was exported or built with")
-    if accuracy_level not in ACCURACY_LEVELS or (accuracy_level != 1 and chosen is not Backend.ORT):
-        raise UsageError(f"--accuracy-level {accuracy_level} cannot apply to {path}",
-                         expected="--accuracy-level " + " or ".join(map(str, ACCURACY_LEVELS))
-                                  + " with the ort backend (ONNX Runtime's int4 kernels)",
-                         found=f"the {chosen.value} backend",
-                         hint="drop --accuracy-level")
-    if device is Device.CUDA:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for, but torch sees no CUDA GPU",
-                             hint="pass --device cpu (ort or torch backends)")
+    if model_dir.kind is ModelKind.HF_QUANTIZED:
+        return _open_hf_quantized(path, dtype)
     if chosen is Backend.ORT:
         return _open_ort(path, device, dtype, accuracy_level)
     return _OPENERS[chosen](path, device, dtype)
-
-
-_OPENS = {Backend.ORT: "an ONNX artifact directory (mixbuild.json + model.onnx)",
-          Backend.TORCH: "a Hugging Face checkpoint directory (config.json + *.safetensors)",
-          Backend.TRT: "a TensorRT engine directory (engine.plan + engine.json)"}
 
 
 def _open_ort(path: Path, device: Device, dtype: str | None, accuracy_level: int = 1) -> _Opened:
     import numpy as np
     from onnx import helper
 
-    from mixbuild.contract import Layout
     from mixbuild.exporter.artifact import Artifact
     from mixbuild.exporter.weights import ArtifactWeights
     from mixbuild.runtime.ort_runner import OrtRunner
@@ -269,12 +249,9 @@ class _RenamedRunner:
 def _open_torch(path: Path, device: Device, dtype: str | None) -> _Opened:
     import numpy as np
 
-    from mixbuild.runtime.hf_quantized import is_hf_quantized
     from mixbuild.runtime.torch_runner import TorchRunner
     from mixbuild.validate.experts import torch_expert_weights
 
-    if is_hf_quantized(path):
-        return _open_hf_quantized(path, device, dtype)
     compute = DType.parse(dtype or "fp32")
     runner = TorchRunner.from_checkpoint(path, dtype=compute.torch, debug=True, device=device.value)
     # float32 feeds: the runner casts the past KV to its dtype (numpy has no bfloat16)
@@ -282,7 +259,7 @@ def _open_torch(path: Path, device: Device, dtype: str | None) -> _Opened:
                    torch_expert_weights(runner))
 
 
-def _open_hf_quantized(path: Path, device: Device, dtype: str | None) -> _Opened:
+def _open_hf_quantized(path: Path, dtype: str | None) -> _Opened:
     """A quantized Hugging Face checkpoint written by `mixbuild export --format hf`: the torch
     backend with the dequantization the engines apply (mixbuild/runtime/hf_quantized.py),
     float32 on the CPU; the tolerances are those of its precision."""
@@ -291,10 +268,9 @@ def _open_hf_quantized(path: Path, device: Device, dtype: str | None) -> _Opened
     from mixbuild.runtime.hf_quantized import load_runner, read_manifest
     from mixbuild.validate.experts import torch_expert_weights
 
-    if dtype is not None or device is not Device.CPU:
+    if dtype is not None:   # the device was checked by ModelDir.choose
         raise UsageError("a quantized Hugging Face checkpoint is validated in float32 on the CPU",
-                         found=f"--device {device.value}" + (f" --dtype {dtype}" if dtype else ""),
-                         hint="drop --dtype and pass --device cpu")
+                         found=f"--dtype {dtype}", hint="drop --dtype")
     runner = load_runner(path, debug=True)        # every file's sha256 checked first
     precision = Precision.parse(read_manifest(path, verify=False)["precision"])
     return _Opened(runner, runner.spec, precision, np.float32, path, True,
@@ -302,11 +278,20 @@ def _open_hf_quantized(path: Path, device: Device, dtype: str | None) -> _Opened
 
 
 def _open_trt(path: Path, device: Device, dtype: str | None) -> _Opened:
+    from mixbuild.runtime.opener import ModelDir
     from mixbuild.runtime.trt_runner import TrtRunner
 
     if device is Device.CPU:
         raise UsageError("the trt backend runs TensorRT engines on a CUDA GPU",
                          found="--device cpu", hint="pass --device cuda")
+    if ModelDir.resolve(path).layout() is Layout.SERVING:
+        raise UsageError(f"{path} is a serving-layout engine; validate compares the concat "
+                         "layout's per-position outputs on the trt backend",
+                         expected="an engine built from a `--layout concat` artifact",
+                         found="layout 'serving' in engine.json",
+                         hint="validate the artifact the engine was built from (the ort backend "
+                              "runs the same graph), or build an engine from a --layout concat "
+                              "export and validate that")
     runner = TrtRunner(path)   # checks the manifest and the TensorRT import first
     return _Opened(runner, runner.spec, Precision.parse(runner.manifest["precision"]), runner.kv_dtype,
                    path, False)

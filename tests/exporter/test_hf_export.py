@@ -26,18 +26,16 @@ from mixbuild.plugins import formats
 from mixbuild.quant.config import QuantConfig
 from mixbuild.runtime.ort_runner import OrtRunner
 from mixbuild.runtime.runner import prefill_feeds
+from tests.conftest import small_quant
 
 ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is in the dev extra")
 
-CALIB = {"calib_tokens": 64, "calib_seq_len": 32, "gptq": False}
-
-
 def _quant(precision: str, **kw) -> QuantConfig:
-    return QuantConfig.parse(precision, **CALIB, **kw)
+    return small_quant(precision, **kw)
 
 
 @pytest.fixture(scope="module")
-def exports(fixture_dir, tmp_path_factory):
+def exports(fixture_dir, fixture_export, tmp_path_factory):
     """{precision: (hf checkpoint dir, onnx artifact dir)} from the same QuantConfig, plus the
     ModelOpt fp8 checkpoint (per-tensor weight scales)."""
     root = tmp_path_factory.mktemp("hf")
@@ -46,8 +44,7 @@ def exports(fixture_dir, tmp_path_factory):
         q = _quant(precision)
         out[precision] = (export_checkpoint(fixture_dir, root / f"{precision}-hf", quant=q,
                                             format="hf", progress=False),
-                          export_checkpoint(fixture_dir, root / f"{precision}-onnx", quant=q,
-                                            progress=False))
+                          fixture_export(quant=q, layout="concat"))
     out["modelopt"] = export_checkpoint(fixture_dir, root / "fp8-modelopt",
                                         quant=_quant("fp8", fp8_per_channel=False),
                                         format="hf-modelopt", progress=False)
@@ -376,3 +373,21 @@ def test_validate_refuses_a_damaged_hf_checkpoint(exports, fixture_dir, tmp_path
     result = CliRunner().invoke(main, ["validate", str(damaged), "--reference", str(fixture_dir),
                                        "-o", str(tmp_path / "r")])
     assert result.exit_code == 2 and "sha256" in result.output, result.output
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int4"])
+def test_run_and_inspect_open_the_hf_checkpoint(exports, precision):
+    """`mixbuild run` and `inspect` open a `--format hf` export like any model directory (the
+    plain checkpoint reader refuses float8 and packed int4 tensors: one opener sends it to
+    mixbuild's quantized-checkpoint loader)."""
+    hf, _ = exports[precision]
+    result = CliRunner().invoke(main, ["run", str(hf), "--prompt", "def f(x):",
+                                       "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert "[torch] " in result.output and "3 generated tokens" in result.output
+    shown = CliRunner().invoke(main, ["inspect", str(hf), "--json"])
+    assert shown.exit_code == 0, shown.output
+    report = json.loads(shown.output)
+    assert (report["kind"], report["precision"], report["hashes"]) == (
+        "quantized checkpoint", precision, "ok")
+    assert report["spec"]["num_layers"] == 3

@@ -4,7 +4,6 @@ serve` refuses to start on."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -149,18 +148,41 @@ def test_no_batching_runs_a_thread_per_request(servers, server):
     assert metrics['mixbuild_requests_finished_total{finish_reason="length"}'] == 5
 
 
-def test_a_concat_artifact_is_refused(serving_artifact, tmp_path):
-    """The refusal reads the manifest's layout before loading anything, so a copy whose
-    manifest says concat stands in for a concat export here."""
-    concat = tmp_path / "concat"
-    shutil.copytree(serving_artifact, concat)
-    manifest = json.loads((concat / "mixbuild.json").read_text())
-    manifest["layout"] = "concat"
-    (concat / "mixbuild.json").write_text(json.dumps(manifest))
-    result = CliRunner().invoke(main, ["serve", str(concat)])
-    assert result.exit_code == 2, result.output
-    assert "has the concat KV-cache layout, which has no continuous batching" in result.output
-    assert "--layout serving" in result.output and "--no-batching" in result.output
+def test_a_concat_artifact_is_served_one_request_at_a_time(fixture_concat_artifact, capsys):
+    """A concat export has no in-place cache to batch into: serve opens it through the
+    per-call runtime (as --no-batching does) and its banner says how to get batching."""
+    from mixbuild.serve.cli import _banner, open_model
+
+    model = open_model(str(fixture_concat_artifact), max_batch=4, threads=1)
+    try:
+        assert model.backend == "ort" and not model.continuous_batching
+        assert model.options.max_batch == 1
+        _banner(model, "m", str(fixture_concat_artifact), 8000, "127.0.0.1", None)
+        err = capsys.readouterr().err
+        assert "concat KV-cache layout has no continuous batching" in err and "--layout serving" in err
+        ids = model.tokenizer.encode("def f(x):")
+        assert len(model.generate_ids([ids], max_new_tokens=3, ignore_eos=True)[0].token_ids) == 3
+    finally:
+        model.close()
+
+
+def test_a_quantized_hf_checkpoint_is_served_in_the_serving_layout(fixture_dir, tmp_path):
+    """`mixbuild export --format hf` output (fp8: float8 tensors the plain checkpoint reader
+    refuses) opens on the torch backend behind the scheduler, like a float checkpoint."""
+    from mixbuild.exporter.export import export_checkpoint
+    from mixbuild.serve.cli import open_model
+    from tests.conftest import small_quant
+
+    hf = export_checkpoint(fixture_dir, tmp_path / "hf", quant=small_quant("fp8"), format="hf",
+                           progress=False)
+    model = open_model(str(hf), max_batch=2, max_context=64, threads=1)
+    try:
+        assert model.backend == "torch" and model.continuous_batching
+        handle = model.submit_ids(model.tokenizer.encode("def f(x):"), max_new_tokens=3,
+                                  ignore_eos=True)
+        assert len(handle.result(timeout=60).token_ids) == 3
+    finally:
+        model.close()
 
 
 def test_a_checkpoint_runs_on_torch_in_the_serving_layout(fixture_dir):
