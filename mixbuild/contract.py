@@ -46,6 +46,12 @@ HF_FORMAT_VERSION = 1
 HF_INDEX_FILE = "model.safetensors.index.json"  # the shard index transformers and vLLM read
 HF_GENERATION_FILE = "generation_config.json"
 HF_MODELOPT_CONFIG_FILE = "hf_quant_config.json"  # NVIDIA's unified format (TensorRT-LLM, vLLM)
+HF_WEIGHTS_FILE = "model.safetensors"           # an unsharded checkpoint's weights
+TOKENIZER_FILE = "tokenizer.json"               # the `tokenizers` library's file, copied to artifacts
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # its special tokens and chat template
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+REPORT_PLOT_FILE = "report.png"                 # a validation report's picture
 
 
 class ExportFormat(str, Enum):

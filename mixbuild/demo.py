@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mixbuild.contract import REPORT_PLOT_FILE
+
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tiny-code"
 
 
@@ -25,7 +27,7 @@ def run_demo(out: str | Path) -> int:
     console.rule("3. validate the artifact against transformers")
     report, report_dir = validate_artifact(artifact, FIXTURE, out / "validation", overwrite=True)
     print_summary(report)
-    console.print(f"report: {report_dir / 'report.md'}, plot: {report_dir / 'report.png'}")
+    console.print(f"report: {report_dir / 'report.md'}, plot: {report_dir / REPORT_PLOT_FILE}")
     _generate_sample(console, artifact)
     return 0 if report.passed else 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mixbuild.contract import HF_CONFIG_FILE
 from mixbuild.model.checkpoint import Checkpoint
 from mixbuild.progress import human_bytes, human_count
 
@@ -13,7 +14,7 @@ def inspect_config(path: str | Path) -> dict[str, Any]:
     """The spec-level part of the report, from config.json alone."""
     from mixbuild.model.spec import MixtralSpec
 
-    spec = MixtralSpec.from_file(Path(path) / "config.json")
+    spec = MixtralSpec.from_file(Path(path) / HF_CONFIG_FILE)
     return {"kind": "config", "path": str(path), "spec": spec.to_dict(),
             "params": spec.param_counts(), "bytes_per_precision": spec.bytes_per_precision()}
 

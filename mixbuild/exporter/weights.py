@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mixbuild.contract import SMOOTHING_FILE
 from mixbuild.errors import ArtifactError
 from mixbuild.exporter.artifact import Artifact
-
-SMOOTHING_FILE = "smoothing.safetensors"
 
 _NUMPY = {1: np.float32, 10: np.float16, 2: np.uint8, 3: np.int8, 17: np.uint8, 16: np.uint16,
           22: np.uint8}

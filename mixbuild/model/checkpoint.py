@@ -14,7 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mixbuild.contract import DType
+from mixbuild.contract import (
+    CHAT_TEMPLATE_FILE,
+    HF_CONFIG_FILE,
+    HF_GENERATION_FILE,
+    HF_INDEX_FILE,
+    HF_WEIGHTS_FILE,
+    SPECIAL_TOKENS_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    DType,
+)
 from mixbuild.errors import CheckpointError
 from mixbuild.model.names import ExpectedTensor, expected_tensors, tensor_name
 from mixbuild.model.spec import MixtralSpec
@@ -22,10 +32,10 @@ from mixbuild.model.spec import MixtralSpec
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja")
+INDEX_FILE = HF_INDEX_FILE
+SINGLE_FILE = HF_WEIGHTS_FILE
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE, HF_GENERATION_FILE,
+                   CHAT_TEMPLATE_FILE)
 
 # safetensors dtype codes of the weights mixbuild reads
 _SAFETENSORS_DTYPES = {"F32": DType.FP32, "F16": DType.FP16, "BF16": DType.BF16}
@@ -120,7 +130,7 @@ class Checkpoint:
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint directory not found: {self.path}",
                                   hint="pass a directory holding config.json and *.safetensors")
-        self.spec = MixtralSpec.from_file(self.path / "config.json")
+        self.spec = MixtralSpec.from_file(self.path / HF_CONFIG_FILE)
         self.tensors = self._index()
 
     # ------------------------------------------------------------------ index

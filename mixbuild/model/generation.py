@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from mixbuild.contract import HF_GENERATION_FILE
 from mixbuild.errors import ConfigError
 from mixbuild.jsonfile import read_json_object
 
-GENERATION_CONFIG = "generation_config.json"
+GENERATION_CONFIG = HF_GENERATION_FILE
 
 
 def token_ids(value, vocab_size: int | None = None, what: str = "token ids",

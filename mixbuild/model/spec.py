@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixbuild.contract import DType, Precision
+from mixbuild.contract import HF_CONFIG_FILE, DType, Precision
 from mixbuild.errors import ConfigError
 from mixbuild.jsonfile import read_json_object
 
@@ -90,7 +90,7 @@ class MixtralSpec:
 
     # ----------------------------------------------------------------- config.json
     @classmethod
-    def from_config(cls, config: dict[str, Any], source: str = "config.json") -> MixtralSpec:
+    def from_config(cls, config: dict[str, Any], source: str = HF_CONFIG_FILE) -> MixtralSpec:
         model_type = config.get("model_type")
         if model_type != "mixtral":
             raise ConfigError(f"{source}: unsupported model_type",

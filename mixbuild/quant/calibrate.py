@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mixbuild.contract import Precision
+from mixbuild.contract import TOKENIZER_FILE, Precision
 from mixbuild.errors import CheckpointError, UsageError
 from mixbuild.model.checkpoint import Checkpoint
 from mixbuild.model.reference import DecoderLayer, RMSNorm, attention_bias, rope_tables
@@ -76,7 +76,7 @@ def calibration_tokens(ckpt: Checkpoint, config: QuantConfig) -> Tensor:
 
     text = (read_calibration_text(config.calib_file) if config.calib_file
             else default_calibration_text())
-    tok_path = ckpt.path / "tokenizer.json"
+    tok_path = ckpt.path / TOKENIZER_FILE
     if not tok_path.is_file():
         raise CheckpointError(f"calibration needs the checkpoint's tokenizer: {tok_path} not found",
                               hint="copy tokenizer.json into the checkpoint directory")

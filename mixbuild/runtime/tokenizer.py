@@ -14,11 +14,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from mixbuild.contract import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from mixbuild.errors import ArtifactError, UsageError
 
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_CONFIG = TOKENIZER_CONFIG_FILE
 REPLACEMENT = "\ufffd"
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mixbuild.contract import TOKENIZER_FILE
 from mixbuild.errors import UsageError, choice
 
 # Python source in the style of the standard library, the kind of text the fixture model was
@@ -261,7 +262,7 @@ def load_tokenizer(path: str | Path):
     from tokenizers import Tokenizer
 
     path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
+    file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.is_file():
         raise UsageError(f"no tokenizer.json at {path}",
                          hint="validate with the checkpoint directory, which holds tokenizer.json")

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mixbuild.contract import REPORT_FILE, REPORT_SCHEMA
+from mixbuild.contract import REPORT_FILE, REPORT_PLOT_FILE, REPORT_SCHEMA
 from mixbuild.errors import require
 from mixbuild.validate.result import Report
 
@@ -49,7 +49,7 @@ def write_report(report: Report, out_dir: str | Path, plot: bool = True, overwri
         (tmp / REPORT_FILE).write_text(json.dumps(report_document(report), indent=2) + "\n")
         (tmp / "report.md").write_text(render_markdown(report))
         if plot:
-            plot_report(report, tmp / "report.png")
+            plot_report(report, tmp / REPORT_PLOT_FILE)
     return Path(out_dir)
 
 
@@ -388,7 +388,7 @@ def write_comparison(results, out_dir: str | Path, plot: bool = True, overwrite:
             (sub / REPORT_FILE).write_text(json.dumps(report_document(report), indent=2) + "\n")
             (sub / "report.md").write_text(render_markdown(report))
             if plot:
-                plot_report(report, sub / "report.png")
+                plot_report(report, sub / REPORT_PLOT_FILE)
         doc = {"schema": SCHEMA, "mixbuild_version": __version__,
                "passed": all(r.passed for _, r in results),
                "artifacts": [{"name": n, "report": f"{n}/{REPORT_FILE}"} for n, _ in results],
@@ -396,7 +396,7 @@ def write_comparison(results, out_dir: str | Path, plot: bool = True, overwrite:
         (tmp / REPORT_FILE).write_text(json.dumps(_clean_json(doc), indent=2) + "\n")
         (tmp / "report.md").write_text(render_comparison(results))
         if plot:
-            plot_comparison(results, tmp / "report.png")
+            plot_comparison(results, tmp / REPORT_PLOT_FILE)
     return Path(out_dir)
 
 

@@ -23,7 +23,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixbuild.contract import Backend, Device, DType, Layout, Precision
+from mixbuild.contract import TOKENIZER_FILE, Backend, Device, DType, Layout, Precision
 from mixbuild.errors import MissingDependencyError, UsageError, choice
 from mixbuild.model.checkpoint import Checkpoint
 from mixbuild.model.spec import MixtralSpec
@@ -164,9 +164,9 @@ def _batches(opened: _Opened, ckpt: Checkpoint, prompts, max_tokens, max_sequenc
              long):
     from mixbuild.validate.data import evaluation_batches, long_batches
 
-    tokenizer = opened.tokenizer_dir / "tokenizer.json"
+    tokenizer = opened.tokenizer_dir / TOKENIZER_FILE
     if not tokenizer.is_file():
-        tokenizer = ckpt.path / "tokenizer.json"
+        tokenizer = ckpt.path / TOKENIZER_FILE
     if long is None:
         return evaluation_batches(tokenizer, prompts, max_tokens=max_tokens, batch_size=batch_size,
                                   bos_id=ckpt.spec.bos_token_id, max_sequences=max_sequences)
