@@ -155,11 +155,15 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.moe = SparseMoE(spec)
 
-    def forward(self, x, cos, sin, mask, k, v, *serving):
-        """mask is the additive bias (concat: k, v are the past) or, with `serving` =
-        (cache_lengths,), the boolean serving mask (k, v are the fixed-capacity cache)."""
-        attend = self.attn.forward_serving if serving else self.attn
-        attn, k, v = attend(self.input_norm(x), cos, sin, mask, k, v, *serving)
+    def forward(self, x, cos, sin, mask, k, v, cache_lengths: Tensor | None = None):
+        """Concat layout (cache_lengths None): mask is the additive bias and k, v are the past.
+        Serving layout: mask is the boolean serving mask, k, v the fixed-capacity cache and
+        cache_lengths each row's valid length before this step."""
+        normed = self.input_norm(x)
+        if cache_lengths is None:
+            attn, k, v = self.attn(normed, cos, sin, mask, k, v)
+        else:
+            attn, k, v = self.attn.forward_serving(normed, cos, sin, mask, k, v, cache_lengths)
         x = x + attn
         moe, router_logits, ids = self.moe(self.post_norm(x))
         return x + moe, k, v, router_logits, ids
@@ -185,12 +189,13 @@ class MixtralModel(nn.Module):
         logits = self.lm_head(self.norm(x)).float()
         return (logits, *presents, *(debug if self.debug else []))
 
-    def _layers(self, input_ids, position_ids, mask, kv, *serving):
+    def _layers(self, input_ids, position_ids, mask, kv, cache_lengths: Tensor | None = None):
         x = self.embed(input_ids)
         cos, sin = rope_tables(position_ids, self.spec.rope_theta, self.spec.head_dim, x.dtype)
         out_kv, debug = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v, router_logits, ids = layer(x, cos, sin, mask, kv[2 * i], kv[2 * i + 1], *serving)
+            x, k, v, router_logits, ids = layer(x, cos, sin, mask, kv[2 * i], kv[2 * i + 1],
+                                                cache_lengths)
             out_kv += [k, v]
             debug += [router_logits, ids, x]
         return x, out_kv, debug

@@ -281,7 +281,7 @@ class Model:
     @property
     def continuous_batching(self) -> bool:
         """Whether calls run through the shared scheduler (a serving-layout step)."""
-        return hasattr(self.step, "run") and self.options.continuous_batching
+        return self.step.layout is Layout.SERVING and self.options.continuous_batching
 
     @property
     def scheduler(self):
@@ -374,7 +374,7 @@ class Model:
         serving-layout model."""
         scheduler = self.scheduler
         if scheduler is None:
-            found = ("continuous_batching=False" if hasattr(self.step, "run")
+            found = ("continuous_batching=False" if self.step.layout is Layout.SERVING
                      else f"a {self.backend} model with the concat KV-cache layout")
             raise UsageError("submit_ids needs a model with continuous batching", found=found,
                              hint="export with `mixbuild export --layout serving`, or load a "

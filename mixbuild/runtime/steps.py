@@ -45,12 +45,19 @@ from mixbuild.contract import (
     INPUT_LENGTHS,
     LOGITS,
     POSITION_IDS,
+    Layout,
 )
 from mixbuild.runtime.kv_cache import AdoptedCache, KVCache, OrtValueCache, StaticCache
 from mixbuild.runtime.runner import Runner
 
 
 class Step(Protocol):
+    """One forward step over a KV cache. `layout` says which contract it has: CONCAT steps are
+    called with left-padded rows (`__call__`); SERVING steps also take ragged rows with per-row
+    counts (`run`), which the continuous-batching scheduler needs."""
+
+    layout: Layout
+
     def new_cache(self): ...
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray,
@@ -63,6 +70,8 @@ def _token_feeds(input_ids, attention_mask, position_ids) -> dict[str, np.ndarra
 
 class FeedStep:
     """Any runner behind the Runner contract; the cache adopts what the runner returns."""
+
+    layout = Layout.CONCAT
 
     def __init__(self, runner: Runner, kv_dtype=np.float32) -> None:
         self.runner = runner
@@ -83,6 +92,8 @@ class FeedStep:
 
 class BoundOrtStep:
     """ONNX Runtime with every cache tensor and the logits bound to preallocated memory."""
+
+    layout = Layout.CONCAT
 
     def __init__(self, runner) -> None:  # runner: OrtRunner
         self.session = runner.session
@@ -116,6 +127,8 @@ def _bind(bind, name: str, array: np.ndarray) -> None:
 class OrtValueStep:
     """ONNX Runtime with the KV cache resident on `device` ("cpu" or "cuda") as OrtValues."""
 
+    layout = Layout.CONCAT
+
     def __init__(self, runner, device: str = "cuda") -> None:  # runner: OrtRunner
         self.session = runner.session
         self.spec = runner.spec
@@ -141,6 +154,8 @@ class OrtValueStep:
 
 class _ServingLayout:
     """What both serving-layout steps share: the generation loop's left-padded call."""
+
+    layout = Layout.SERVING
 
     def __call__(self, input_ids, attention_mask, position_ids, cache) -> np.ndarray:
         """Left-padded rows (the concat layout's convention) -> right-aligned rows with per-row

@@ -141,6 +141,9 @@ class TrtServingStep:
     (set_input_shape, set_tensor_address, execute_async_v3); no machine mixbuild is developed
     on has a GPU with TensorRT."""
 
+    layout = Layout.SERVING
+
+
     def __init__(self, runner: TrtRunner, max_batch: int) -> None:
         from mixbuild.contract import Layout, cache_pairs
 

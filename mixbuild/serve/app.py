@@ -103,7 +103,7 @@ class _Server:
             except p.ApiError as error:
                 response = _error_response(error)
             except Overloaded as error:
-                closing = self.closing or "shutting down" in error.what
+                closing = self.closing or error.reason == Overloaded.SHUTTING_DOWN
                 response = _error_response(p.ApiError(
                     503 if closing else 429, p.flat_message(error),
                     type="server_error" if closing else "rate_limit_error",
@@ -256,7 +256,8 @@ class _Server:
     async def _generate(self, request: Request, parsed: p.GenerationRequest,
                         prompts: list[list[int]]) -> Response:
         if self.closing:
-            raise Overloaded("the server is shutting down and takes no new requests")
+            raise Overloaded("the server is shutting down and takes no new requests",
+                             reason=Overloaded.SHUTTING_DOWN)
         if parsed.logprobs is not None and not self.engine.logprobs:
             raise p.ApiError(400, "logprobs need continuous batching, and this server runs one "
                                   "thread per request (--no-batching)", param="logprobs",

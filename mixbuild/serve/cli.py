@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from mixbuild.contract import ACCURACY_LEVEL_HELP, ACCURACY_LEVELS
+from mixbuild.contract import ACCURACY_LEVEL_HELP, ACCURACY_LEVELS, Layout
 
 DEFAULT_DRAIN_TIMEOUT = 30.0
 
@@ -99,7 +99,7 @@ def open_model(model_dir: str, *, backend: str = "auto", no_batching: bool = Fal
     CUDA) behind the continuous-batching scheduler. A concat-layout artifact or engine has no
     in-place cache to batch into: it is served through the per-call runtime (one request per
     thread, as with no_batching), and the banner says so."""
-    from mixbuild.contract import Backend, Layout
+    from mixbuild.contract import Backend
     from mixbuild.runtime.api import load
     from mixbuild.runtime.opener import ModelDir
 
@@ -136,11 +136,11 @@ def _bind(host: str, port: int):
 
 
 def _banner(model, name: str, model_dir: str, port: int, host: str, api_key: str | None) -> None:
-    layout = "serving" if hasattr(model.step, "run") else "concat"
+    layout = model.step.layout.value
     click.echo(f"mixbuild serve: model '{name}' from {model_dir} ({model.backend} backend, "
                f"{layout} layout, context {model.context_limit} tokens)")
     options = model.options
-    if layout == "concat":
+    if model.step.layout is Layout.CONCAT:
         click.echo("  warning: the concat KV-cache layout has no continuous batching: one thread "
                    f"per request, at most {options.max_queue} at once; re-export with the default "
                    "layout (`mixbuild export CKPT -o DIR`, --layout serving) to batch requests",

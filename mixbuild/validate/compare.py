@@ -257,10 +257,11 @@ def _check_inputs(spec: MixtralSpec, batches: Sequence[Batch], steps: int) -> No
 
 def as_model(runner, spec: MixtralSpec, kv_dtype=np.float32):
     """A runner as the passes drive it (mixbuild.validate.passes): a concat-layout Runner is
-    wrapped; a model with `teacher_forced` / `greedy` (ServingModel) is used as it is."""
-    if hasattr(runner, "teacher_forced"):
+    wrapped; a PassModel (ServingModel) is used as it is."""
+    from mixbuild.validate.passes import ConcatModel, PassModel
+
+    if isinstance(runner, PassModel):
         return runner
-    from mixbuild.validate.passes import ConcatModel
 
     return ConcatModel(runner, spec, kv_dtype)
 

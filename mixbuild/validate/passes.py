@@ -54,7 +54,20 @@ def greedy_record(last_logits: list[np.ndarray]):
     return tokens, margins, ok
 
 
-class ConcatModel:
+class PassModel:
+    """What the validator's passes drive: teacher-forced chunks and greedy decoding of a batch,
+    whatever layout runs underneath (ConcatModel, ServingModel)."""
+
+    name: str
+
+    def teacher_forced(self, batch: Batch, chunk: int | None = None) -> Iterator:
+        raise NotImplementedError
+
+    def greedy(self, batch: Batch, steps: int):
+        raise NotImplementedError
+
+
+class ConcatModel(PassModel):
     """A concat-layout Runner (`infer(feeds) -> outputs` with past / present)."""
 
     def __init__(self, runner, spec, kv_dtype=np.float32) -> None:
@@ -79,7 +92,7 @@ class ConcatModel:
         return greedy_record(last)
 
 
-class ServingModel:
+class ServingModel(PassModel):
     """An OrtRunner of a serving-layout artifact whose graph copy exposes the diagnostics
     (`diagnostics.expose`; `exposed` renames its outputs)."""
 

@@ -121,6 +121,7 @@ def test_finished_sequences_leave_the_batch(runtime_artifact, ort_model):
 class CountingStep:
     def __init__(self, step) -> None:
         self.step, self.new_cache, self.sizes, self.caches = step, step.new_cache, [], []
+        self.layout = step.layout
 
     def __call__(self, input_ids, *rest):
         self.sizes.append(input_ids.shape[0])
