@@ -91,7 +91,7 @@ def inspect(path: str, as_json: bool, no_values: bool, config_only: bool) -> Non
     from mixbuild import inspect as insp
     from mixbuild.runtime.opener import ModelDir, ModelKind
 
-    kind = ModelDir.resolve(path).kind
+    kind = ModelDir.classify(path)   # None: a checkpoint's own errors (missing config.json, ...)
     if kind is ModelKind.ENGINE:
         from mixbuild.builder.inspect import inspect_engine, render_engine
 

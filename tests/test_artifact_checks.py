@@ -88,7 +88,8 @@ def _set(*path_value):
 INT4_QUANT = {"precision": "int4", "int4_method": "rtn", "group_size": 128, "fp8_per_channel": True,
               "calib_file": None, "calib_tokens": 64, "calib_seq_len": 32, "rounding": "nearest"}
 
-# (edit, field named, expected line, found line) on the fp32 artifact
+# (edit, field named, expected line, found line) on the fp32 artifact of the default (serving)
+# layout
 FLOAT_EDITS = {
     "precision fp32 -> int4": (
         _set((["precision"], "int4"), (["quantization"], INT4_QUANT)), "precision",
@@ -104,7 +105,7 @@ FLOAT_EDITS = {
                                 "found:    4096"),
     "dtype float32 -> float16": (_set((["dtype"], "float16"), (["precision"], "fp16")), "dtype",
                                  "expected: float32 (the element type of model.onnx's "
-                                 "past_key_values.0.key)", 'found:    "float16"'),
+                                 "cache.0.key)", 'found:    "float16"'),
     "dtype alone": (_set((["dtype"], "bfloat16")), "dtype", "expected: float32",
                     'found:    "bfloat16"'),
     "num_layers 3 -> 2": (_set((["spec", "num_layers"], 2)), "spec.num_layers",
@@ -118,7 +119,7 @@ FLOAT_EDITS = {
     "intermediate_size": (_set((["spec", "intermediate_size"], 128)), "spec.intermediate_size",
                           "expected: 256", "found:    128"),
     "num_kv_heads": (_set((["spec", "num_kv_heads"], 4)), "spec.num_kv_heads",
-                     "expected: 2 (dim 1 of model.onnx's past_key_values.0.key", "found:    4"),
+                     "expected: 2 (dim 1 of model.onnx's cache.0.key", "found:    4"),
     "head_dim": (_set((["spec", "head_dim"], 16)), "spec.head_dim", "expected: 32", "found:    16"),
     "debug_outputs": (_set((["debug_outputs"], True)), "debug_outputs",
                       "expected: false (model.onnx has no debug.* outputs)", "found:    true"),
@@ -129,15 +130,15 @@ FLOAT_EDITS = {
                          "expected: {'name': 'input_ids', 'dtype': 'int64'}",
                          'found:    {"name": "tokens", "dtype": "int64"}'),
     "an input's dtype": (_set((["inputs", 4, "dtype"], "float16")), "inputs[4]",
-                         "'name': 'past_key_values.0.value', 'dtype': 'float32'",
+                         "'name': 'cache.0.key', 'dtype': 'float32'",
                          '"dtype": "float16"'),
     "outputs reordered": (lambda m: m.update(outputs=[m["outputs"][1], m["outputs"][0],
                                                       *m["outputs"][2:]]), "outputs[0]",
                           "expected: {'name': 'logits', 'dtype': 'float32'}",
-                          '"name": "present.0.key"'),
+                          '"name": "updated_cache.0.key"'),
     "an output dropped": (lambda m: m["outputs"].pop(), "outputs", "expected: 7 entries",
-                          "found:    \"logits, present.0.key"),
-    "opset": (_set((["opset", ""], 20)), "opset.ai.onnx", "expected: 21", "found:    20"),
+                          "found:    \"logits, updated_cache.0.key"),
+    "opset": (_set((["opset", ""], 20)), "opset.ai.onnx", "expected: 24", "found:    20"),
     "the data file unlisted": (lambda m: m["files"].pop("model.onnx.data"), "files",
                                "it reads model.onnx.data", "found:    ["),
 }

@@ -89,7 +89,7 @@ def preflight(artifact_dir: str | Path, out: Path, options: BuildOptions,
     checks.check_precision(adapter, artifact.manifest, target)
     model = graph.load_graph(artifact.onnx_path)
     inputs, outputs = profiles.input_dims(model), _output_dims(model)
-    serving = artifact.manifest.get("layout") == Layout.SERVING.value
+    serving = artifact.layout is Layout.SERVING
     prepared = graph.prepare(model, options.moe,
                              capacity=options.limits.max_context if serving else None)
     checks.check_ops(adapter, graph.parser_ops(prepared.model, options.moe), options.moe)
@@ -233,9 +233,10 @@ def engine_manifest(pre: Preflight, options: BuildOptions, result: dict) -> dict
         "compute_capability": str(pre.target), "moe": options.moe.value,
         "precision": manifest["precision"], "dtype": manifest["dtype"], "spec": manifest["spec"],
         "limits": vars(options.limits), "profiles": pre.profiles,
-        "layout": manifest.get("layout", Layout.CONCAT.value),
+        "layout": artifact.layout.value,
+        "logits": "all" if artifact.all_logits else "last",
         "cache_capacity": (options.limits.max_context
-                           if manifest.get("layout") == Layout.SERVING.value else None),
+                           if artifact.layout is Layout.SERVING else None),
         "inputs": with_dim_names(result["inputs"], pre.inputs),
         "outputs": with_dim_names(result["outputs"], pre.outputs), "io_source": "network",
         "plugins": plugin_summary(result["layers"]),

@@ -27,6 +27,7 @@ from mixbuild.contract import (
     PLAN_FILE,
     DType,
     EngineBackend,
+    Layout,
     Precision,
 )
 from mixbuild.errors import ArtifactError, UsageError
@@ -148,7 +149,7 @@ def check_engine_manifest(manifest: dict[str, Any], path: Path) -> None:
             need(entry, "shape", "array", where)
             need(entry, "dims", "array", where)
             debug = debug or entry["name"].startswith("debug.")
-    _check_io(manifest, path, spec, dtype, debug)
+    _check_io(manifest, path, spec, dtype, debug, *_layout(manifest, path))
     for index, plugin in enumerate(need(manifest, "plugins", "array")):
         _object(plugin, f"plugins[{index}]", path)
         for key in ("name", "namespace", "version"):
@@ -202,11 +203,27 @@ def _ints(value: Any, where: str, path: Path, length: int | None = None) -> None
                             found=json.dumps(value)[:80], hint=_HINT)
 
 
-def _check_io(manifest: dict, path: Path, spec, dtype: DType, debug: bool) -> None:
-    """The engine's inputs and outputs are the contract's for its spec and dtype, in order."""
+def _layout(manifest: dict, path: Path) -> tuple[Layout, bool]:
+    """The engine's KV-cache layout and whether it returns every position's logits (engines
+    built before these fields: concat, last)."""
+    layout, logits = manifest.get("layout", Layout.CONCAT.value), manifest.get("logits", "last")
+    if layout not in {m.value for m in Layout}:
+        raise ArtifactError(f"{path}: field 'layout' has the wrong value",
+                            expected=" | ".join(m.value for m in Layout), found=json.dumps(layout)[:80],
+                            hint=_HINT)
+    if logits not in ("last", "all"):
+        raise ArtifactError(f"{path}: field 'logits' has the wrong value", expected="last | all",
+                            found=json.dumps(logits)[:80], hint=_HINT)
+    return Layout(layout), logits == "all"
+
+
+def _check_io(manifest: dict, path: Path, spec, dtype: DType, debug: bool, layout: Layout,
+              all_logits: bool) -> None:
+    """The engine's inputs and outputs are the contract's for its spec, dtype and layout, in
+    order."""
     from mixbuild.contract import io_specs
 
-    inputs, outputs = io_specs(spec, dtype, debug)
+    inputs, outputs = io_specs(spec, dtype, debug, layout, all_logits)
     for key, wanted in (("inputs", inputs), ("outputs", outputs)):
         held = manifest[key]
         pairs = [(t["name"], t["dtype"]) for t in held]

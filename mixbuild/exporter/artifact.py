@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixbuild.contract import MANIFEST_FILE, ONNX_FILE
+from mixbuild.contract import MANIFEST_FILE, ONNX_FILE, DType, Layout, Precision
 from mixbuild.errors import ArtifactError, ConfigError
 from mixbuild.exporter.consistency import check_graph
 from mixbuild.exporter.manifest import read_manifest, verify_files
@@ -35,9 +35,30 @@ class Artifact:
     def onnx_path(self) -> Path:
         return self.path / ONNX_FILE
 
+    # The manifest's fields as their types (each checked against the graph by check_graph when
+    # the artifact was opened).
     @property
-    def precision(self) -> str:
-        return self.manifest["precision"]
+    def precision(self) -> Precision:
+        return Precision.parse(self.manifest["precision"])
+
+    @property
+    def dtype(self) -> DType:
+        return DType.parse(self.manifest["dtype"])
+
+    @property
+    def layout(self) -> Layout:
+        """The KV-cache layout (absent from manifests older than the serving layout: concat)."""
+        return Layout(self.manifest.get("layout", Layout.CONCAT.value))
+
+    @property
+    def all_logits(self) -> bool:
+        """Whether a serving-layout graph returns every position's logits (--all-logits)."""
+        return self.manifest.get("logits") == "all"
+
+    @property
+    def lm_head(self) -> str:
+        """How a quantized artifact's lm_head is stored: float, int8 or int4."""
+        return (self.manifest.get("quantization") or {}).get("lm_head", "float")
 
 
 def spec_of(data: Any, source: Path, hint: str = "export the artifact again") -> MixtralSpec:

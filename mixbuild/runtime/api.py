@@ -24,6 +24,7 @@ from mixbuild.contract import (
     ACCURACY_LEVELS,
     Backend,
     Device,
+    DType,
     Layout,
 )
 from mixbuild.errors import MissingDependencyError, UsageError, choice
@@ -135,11 +136,11 @@ def _open_ort(path: Path, options: LoadOptions):
     artifact = Artifact.open(path)
     # GroupQueryAttention (the serving layout's fast path) runs fp32 on the CPU provider only;
     # its CUDA kernel takes fp16 / bf16
-    fast = options.device is Device.CPU or artifact.manifest.get("dtype") != "float32"
+    fast = options.device is Device.CPU or artifact.dtype is not DType.FP32
     runner = OrtRunner(artifact, providers=_ort_providers(options.device), threads=options.threads,
                        spinning=options.spinning, fast_attention=fast,
                        accuracy_level=options.accuracy_level)
-    if runner.artifact.manifest.get("layout") == Layout.SERVING.value:
+    if runner.artifact.layout is Layout.SERVING:
         capacity = _serving_capacity(options, runner.spec)
         return ServingStep(runner, capacity, options.max_batch, options.device.value), runner.spec
     if options.device is Device.CUDA:  # the KV cache stays on the GPU between steps

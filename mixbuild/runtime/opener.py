@@ -61,19 +61,30 @@ class ModelDir:
     path: Path
     kind: ModelKind
 
+    @staticmethod
+    def classify(path: str | Path) -> ModelKind | None:
+        """The kind of directory `path` is, None when it is none of them (or no directory)."""
+        path = Path(path)
+        if not path.is_dir():
+            return None
+        if (path / MANIFEST_FILE).is_file():
+            return ModelKind.ARTIFACT
+        if (path / ENGINE_MANIFEST_FILE).is_file():   # a missing plan is the engine opener's error
+            return ModelKind.ENGINE
+        if (path / HF_CONFIG_FILE).is_file():
+            quantized = (path / HF_MANIFEST_FILE).is_file()
+            return ModelKind.HF_QUANTIZED if quantized else ModelKind.CHECKPOINT
+        return None
+
     @classmethod
     def resolve(cls, path: str | Path) -> ModelDir:
         path = Path(path)
+        kind = cls.classify(path)
+        if kind is not None:
+            return cls(path, kind)
         expected = " or ".join(kind.value for kind in ModelKind)
         if not path.is_dir():
             raise ArtifactError(f"model directory not found: {path}", expected=expected)
-        if (path / MANIFEST_FILE).is_file():
-            return cls(path, ModelKind.ARTIFACT)
-        if (path / ENGINE_MANIFEST_FILE).is_file():   # a missing plan is the engine opener's error
-            return cls(path, ModelKind.ENGINE)
-        if (path / HF_CONFIG_FILE).is_file():
-            quantized = (path / HF_MANIFEST_FILE).is_file()
-            return cls(path, ModelKind.HF_QUANTIZED if quantized else ModelKind.CHECKPOINT)
         raise ArtifactError(f"{path} is not a model directory mixbuild can run", expected=expected,
                             found=", ".join(sorted(p.name for p in path.iterdir())[:8])
                             or "an empty directory")
@@ -105,9 +116,12 @@ class ModelDir:
             raise UsageError(f"the {chosen.value} backend cannot {verb} {self.path}",
                              expected=f"backend '{chosen.value}' opens {OPENS[chosen]}",
                              found=f"{self.path} is {self.kind.value}",
-                             hint=f"use backend '{self.backend.value}' (or auto)")
+                             hint=f"use backend='{self.backend.value}' (--backend "
+                                  f"{self.backend.value}) or auto")
         if accuracy_level not in ACCURACY_LEVELS or (accuracy_level != 1 and chosen is not Backend.ORT):
-            raise UsageError(f"--accuracy-level {accuracy_level} cannot apply to {self.path}",
+            raise UsageError(f"--accuracy-level {accuracy_level} cannot apply to {self.path}: the "
+                             "accuracy level is an option of ONNX Runtime's int4 kernels, not of "
+                             f"the {chosen.value} backend",
                              expected=" or ".join(map(str, ACCURACY_LEVELS)) + " with the ort "
                                       "backend (ONNX Runtime's int4 kernels); 1 elsewhere",
                              found=f"accuracy_level={accuracy_level}, the {chosen.value} backend",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixbuild.contract import DType, Layout, is_kv_input
+from mixbuild.contract import DType, Layout, Precision, is_kv_input
 from mixbuild.errors import ArtifactError
 from mixbuild.exporter.artifact import Artifact
 
@@ -42,7 +42,7 @@ class OrtRunner:
         self.spec = self.artifact.spec
         providers = providers or ["CPUExecutionProvider"]
         self._on_cpu = providers[0] == "CPUExecutionProvider"
-        dtype = DType.parse(self.artifact.manifest["dtype"])
+        dtype = self.artifact.dtype
         if dtype not in CPU_KV_DTYPES and providers == ["CPUExecutionProvider"]:
             # before the session: ONNX Runtime's own refusal would only name a missing kernel
             raise ArtifactError(
@@ -73,21 +73,21 @@ class OrtRunner:
     def _session_model(self, options, fast_attention: bool, accuracy_level: int):
         """The model ONNX Runtime loads: the artifact's file, or a rewritten in-memory copy
         (its external data stays in the artifact; new initializers go in as OrtValues)."""
-        manifest = self.artifact.manifest
-        serving = manifest.get("layout") == Layout.SERVING.value
-        precision = manifest.get("precision", "")
+        artifact = self.artifact
+        serving = artifact.layout is Layout.SERVING
+        precision = artifact.precision
         kernels = {"attention": "artifact", "experts": "artifact"}
         self.fast_attention = 0
-        if precision in ("int4", "fp8"):
+        if precision.quantized:
             from mixbuild.runtime.ort_quant import session_entries
 
             for key, value in session_entries(precision, accuracy_level, self._fast_quantized).items():
                 options.add_session_config_entry(key, value)
-            if precision == "int4":
+            if precision is Precision.INT4:
                 kernels["int4_linears"] = f"MatMulNBits (accuracy_level {accuracy_level})"
             elif self._fast_quantized:
                 kernels["experts"] = kernels["fp8_linears"] = "float32 weights folded at load"
-        quantized = self._fast_quantized and precision == "int4"
+        quantized = self._fast_quantized and precision is Precision.INT4
         rewrite = self._graph_rewrite
         if not (fast_attention and serving) and not quantized and rewrite is None:
             return str(self.artifact.onnx_path), kernels
@@ -105,9 +105,9 @@ class OrtRunner:
         if quantized:
             from mixbuild.runtime.ort_quant import rewrite_int4_experts, rewrite_int8_linears
 
-            act = DType.parse(manifest["dtype"]).numpy
+            act = artifact.dtype.numpy
             done = rewrite_int4_experts(model, self.artifact.path, act, accuracy_level)
-            head = (manifest.get("quantization") or {}).get("lm_head", "float")
+            head = artifact.lm_head
             if head == "int8" and self._on_cpu:   # the CPU kernel's problem (ort_quant.py)
                 rewrite_int8_linears(model, self.artifact.path, act, out=done)
             if done.initializers:

@@ -217,20 +217,20 @@ def _open_ort(path: Path, device: Device, dtype: str | None, accuracy_level: int
                                          "validating on the ort backend with --device cuda")
         providers = ["CUDAExecutionProvider", *providers]
     artifact = Artifact.open(path)
-    manifest, spec = artifact.manifest, artifact.spec
-    serving = manifest.get("layout") == Layout.SERVING.value
-    act = helper.np_dtype_to_tensor_dtype(np.dtype(DType.parse(manifest["dtype"]).numpy))
+    spec = artifact.spec
+    serving = artifact.layout is Layout.SERVING
+    act = helper.np_dtype_to_tensor_dtype(np.dtype(artifact.dtype.numpy))
     found = {}
 
     def diagnostics(model) -> None:   # the session's private copy of the graph
         found["exposed"] = expose(model, spec.num_layers, act, serving,
-                                  manifest.get("logits") == "all")
+                                  artifact.all_logits)
 
     runner = OrtRunner(artifact, providers=providers, graph_rewrite=diagnostics,
                        accuracy_level=accuracy_level)
     exposed = found["exposed"]
     model = ServingModel(runner, exposed, spec) if serving else _RenamedRunner(runner, exposed)
-    return _Opened(runner, spec, Precision.parse(artifact.precision), runner.kv_dtype,
+    return _Opened(runner, spec, artifact.precision, runner.kv_dtype,
                    artifact.path, True, ArtifactWeights(artifact).experts, model)
 
 

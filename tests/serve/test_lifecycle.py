@@ -166,29 +166,17 @@ def test_a_concat_artifact_is_served_one_request_at_a_time(fixture_concat_artifa
         model.close()
 
 
-def test_a_quantized_hf_checkpoint_is_served_in_the_serving_layout(fixture_dir, tmp_path):
-    """`mixbuild export --format hf` output (fp8: float8 tensors the plain checkpoint reader
-    refuses) opens on the torch backend behind the scheduler, like a float checkpoint."""
+@pytest.mark.parametrize("source", ["checkpoint", "fp8 --format hf"])
+def test_a_checkpoint_runs_on_torch_in_the_serving_layout(fixture_dir, tmp_path, source):
+    """A float checkpoint, and a `mixbuild export --format hf` one (float8 tensors the plain
+    checkpoint reader refuses), open on the torch backend behind the scheduler."""
     from mixbuild.exporter.export import export_checkpoint
     from mixbuild.serve.cli import open_model
     from tests.conftest import small_quant
 
-    hf = export_checkpoint(fixture_dir, tmp_path / "hf", quant=small_quant("fp8"), format="hf",
-                           progress=False)
-    model = open_model(str(hf), max_batch=2, max_context=64, threads=1)
-    try:
-        assert model.backend == "torch" and model.continuous_batching
-        handle = model.submit_ids(model.tokenizer.encode("def f(x):"), max_new_tokens=3,
-                                  ignore_eos=True)
-        assert len(handle.result(timeout=60).token_ids) == 3
-    finally:
-        model.close()
-
-
-def test_a_checkpoint_runs_on_torch_in_the_serving_layout(fixture_dir):
-    from mixbuild.serve.cli import open_model
-
-    model = open_model(str(fixture_dir), max_batch=2, max_context=64, threads=1)
+    path = fixture_dir if source == "checkpoint" else export_checkpoint(
+        fixture_dir, tmp_path / "hf", quant=small_quant("fp8"), format="hf", progress=False)
+    model = open_model(str(path), max_batch=2, max_context=64, threads=1)
     try:
         assert model.backend == "torch" and model.continuous_batching
         handle = model.submit_ids(model.tokenizer.encode("def f(x):"), max_new_tokens=3,
