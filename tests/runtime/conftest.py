@@ -23,6 +23,14 @@ def ort_model(fixture_fp32_artifact):
 
 
 @pytest.fixture(scope="session")
+def ort_feed_model(runtime_artifact):
+    """The per-call runtime on a concat artifact (FeedStep): what `load` gives a concat export."""
+    import mixbuild.runtime as rt
+
+    return rt.load(runtime_artifact, threads=1)
+
+
+@pytest.fixture(scope="session")
 def ort_bound_model(runtime_artifact):
     """The ort backend with its KV cache in preallocated IOBinding buffers."""
     import mixbuild.runtime as rt

@@ -182,8 +182,10 @@ def test_numpy_token_ids_are_accepted(ort_model):
         ort_model.generate(PROMPTS[0], max_new_tokens=4)[0].token_ids
 
 
-def test_a_stream_can_be_abandoned(ort_model):
-    """close() ends the decode loop where it is and hands the KV cache back to the pool."""
+def test_a_stream_can_be_abandoned(ort_feed_model):
+    """close() ends the per-call decode loop where it is and hands the KV cache back to the
+    pool (the scheduler's cancellation is tests/serving/test_scheduler.py's)."""
+    ort_model = ort_feed_model
     step = CountingStep(ort_model.step)
     model = Model(step, ort_model.spec, ort_model.tokenizer, ort_model.defaults)  # its own pool
     stream = model.stream(PROMPTS[0], max_new_tokens=30, ignore_eos=True)

@@ -73,7 +73,7 @@ def test_close_model_leaves_the_model_to_its_owner(tokenizer, close_model):
 
 
 def test_shutting_down_is_503_and_a_full_queue_429(tokenizer):
-    closing = Overloaded("the server is shutting down and takes no new requests")
+    closing = Overloaded("the scheduler is closing", reason=Overloaded.SHUTTING_DOWN)   # by reason
     with TestClient(create_app(StandIn(tokenizer, closing))) as client:
         answer = client.post("/v1/completions", json=BODY)
         assert answer.status_code == 503 and answer.json()["error"]["code"] == "shutting_down"

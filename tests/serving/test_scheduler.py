@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import mixbuild.runtime as rt
+from mixbuild.contract import Layout
 from mixbuild.errors import ArtifactError, UsageError
 from mixbuild.exporter.export import export_checkpoint
 from mixbuild.runtime.generate import FinishReason
@@ -35,6 +36,8 @@ def alone(serving_dir):
 class Recording:
     """A serving step that records the per-row counts of every call, and can be held or made
     to fail or to return NaN for one request."""
+
+    layout = Layout.SERVING
 
     def __init__(self, step) -> None:
         self.step, self.capacity = step, step.capacity
