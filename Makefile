@@ -20,8 +20,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/mixbuild demo
 
+# Two workers, each test module whole on one (its module fixtures built once); exports both
+# need are made once for the run (tests/conftest.py: shared_dir).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -75,22 +77,47 @@ def edit_json(path: Path, **changes) -> None:
 
 
 @pytest.fixture(scope="session")
-def fixture_export(fixture_dir, tmp_path_factory):
+def shared_dir(tmp_path_factory) -> Path:
+    """Where the session's shared exports live. Under pytest-xdist (`make test` runs two
+    workers) it is the run's common base directory, so what one worker exported the other
+    reuses instead of exporting it again."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def made_once(root: Path, name: str, make) -> Path:
+    """root/name, made by `make(path)` unless a process of this run already made it (a lock
+    file serializes the workers; a `.done` marker says the directory is complete)."""
+    out, done = root / name, root / f"{name}.done"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not done.exists():
+                if out.exists():            # a worker died half way: start again
+                    shutil.rmtree(out)
+                make(out)
+                done.touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fixture_export(fixture_dir, shared_dir):
     """`fixture_export(**options)`: the trained fixture exported with export_checkpoint's
-    `options`, once per test session. Every module that asks for the same options gets the same
-    directory, so an export several modules need is made once. Read-only: tests that damage an
-    artifact copy it first (tests/validate/test_shipped.py checks validate never writes)."""
+    `options`, once per test run. Every module (and xdist worker) that asks for the same
+    options gets the same directory, so an export several modules need is made once.
+    Read-only: tests that damage an artifact copy it first (tests/validate/test_shipped.py
+    checks validate never writes)."""
     from mixbuild.exporter.export import export_checkpoint
 
-    root = tmp_path_factory.mktemp("exports")
-    made: dict[tuple, Path] = {}
-
     def get(**options) -> Path:
-        key = tuple(sorted(options.items()))
-        if key not in made:
-            made[key] = export_checkpoint(fixture_dir, root / f"export-{len(made)}",
-                                          progress=False, **options)
-        return made[key]
+        key = hashlib.sha256(repr(sorted(options.items())).encode()).hexdigest()[:16]
+        return made_once(shared_dir, f"export-{key}", lambda out: export_checkpoint(
+            fixture_dir, out, progress=False, **options))
 
     return get
 
@@ -123,7 +150,7 @@ def fixture_concat_artifact(fixture_export) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shipped(fixture_dir, tmp_path_factory) -> dict[str, Path]:
+def shipped(fixture_dir, shared_dir) -> dict[str, Path]:
     """The fixture exported at fp8 and int4 the way the README does: `mixbuild export FIXTURE -o
     OUT --precision P` with the CLI's default settings (serving layout, the README's calibration,
     no debug outputs). Read-only: tests that damage one copy it."""
@@ -131,11 +158,10 @@ def shipped(fixture_dir, tmp_path_factory) -> dict[str, Path]:
 
     from mixbuild.cli import main
 
-    root = tmp_path_factory.mktemp("shipped")
-    out = {}
-    for precision in ("fp8", "int4"):
-        result = CliRunner().invoke(main, ["export", str(fixture_dir), "-o", str(root / precision),
+    def export(out: Path, precision: str) -> None:
+        result = CliRunner().invoke(main, ["export", str(fixture_dir), "-o", str(out),
                                            "--precision", precision])
         assert result.exit_code == 0, result.output
-        out[precision] = root / precision
-    return out
+
+    return {p: made_once(shared_dir, f"shipped/{p}", lambda out, p=p: export(out, p))
+            for p in ("fp8", "int4")}
