@@ -27,7 +27,6 @@ _EXPORTS = {
     "GenerationDefaults": "mixbuild.runtime.sampling",
     "Tokenizer": "mixbuild.runtime.tokenizer",
     "IncrementalDetokenizer": "mixbuild.runtime.tokenizer",
-    "KVCache": "mixbuild.runtime.kv_cache",
     "cli_run": "mixbuild.runtime.cli",
 }
 
@@ -37,7 +36,6 @@ __all__ = [
     "FinishReason",
     "GenerationDefaults",
     "IncrementalDetokenizer",
-    "KVCache",
     "LoadOptions",
     "Model",
     "Result",

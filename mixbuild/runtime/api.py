@@ -44,7 +44,6 @@ class LoadOptions:
     max_batch: int = 8
     max_context: int | None = None
     threads: int | None = None
-    io_binding: bool = False
     spinning: bool = True
     layout: Layout | None = None      # torch backend: which KV-cache layout (default concat)
     continuous_batching: bool = True  # serving layout: concurrent calls share one scheduler
@@ -84,7 +83,7 @@ class LoadOptions:
 
 
 def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch: int = 8,
-         max_context: int | None = None, threads: int | None = None, io_binding: bool = False,
+         max_context: int | None = None, threads: int | None = None,
          spinning: bool = True, layout: str | None = None, continuous_batching: bool = True,
          step_tokens: int = DEFAULT_STEP_TOKENS, max_queue: int = DEFAULT_MAX_QUEUE,
          accuracy_level: int = 1) -> Model:
@@ -93,10 +92,9 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch
     backend: "ort" (artifact dir), "torch" (checkpoint dir), "trt" (engine dir) or "auto"
     (picked from what the directory holds). max_batch bounds how many prompts run together;
     max_context caps prompt + generated tokens (default: the model's max_position_embeddings).
-    threads sets the intra-op threads of ONNX Runtime / torch. io_binding=True makes the ort
-    backend (CPU) bind its KV cache to preallocated ping-pong buffers (`BoundOrtStep`); the
-    default feeds ONNX Runtime's own present outputs back as past (`FeedStep`), which measured
-    as fast or faster on CPU (see mixbuild/runtime/steps.py). On device="cuda" the ort backend
+    threads sets the intra-op threads of ONNX Runtime / torch. A concat-layout artifact feeds
+    ONNX Runtime's own present outputs back as past (`FeedStep`; an IOBinding step measured
+    slower on CPU, mixbuild/runtime/steps.py). On device="cuda" the ort backend
     keeps the KV cache on the GPU as OrtValues (`OrtValueStep`). spinning (ONNX Runtime's default,
     on) lets its idle threads busy-wait: ~1.5x faster decode of the small fixture on 2 idle cores,
     but ~1.7x slower when other processes or thread pools (torch in the same process) compete
@@ -113,7 +111,7 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch
     activations, faster, other numerics (validate with `mixbuild validate --accuracy-level 4`).
     """
     options = LoadOptions.parse(backend, device, layout=layout, max_batch=max_batch,
-                                max_context=max_context, threads=threads, io_binding=io_binding,
+                                max_context=max_context, threads=threads,
                                 spinning=spinning, continuous_batching=continuous_batching,
                                 step_tokens=step_tokens, max_queue=max_queue,
                                 accuracy_level=accuracy_level)
@@ -131,7 +129,7 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch
 def _open_ort(path: Path, options: LoadOptions):
     from mixbuild.exporter.artifact import Artifact
     from mixbuild.runtime.ort_runner import OrtRunner
-    from mixbuild.runtime.steps import BoundOrtStep, FeedStep, OrtValueStep, ServingStep
+    from mixbuild.runtime.steps import FeedStep, OrtValueStep, ServingStep
 
     artifact = Artifact.open(path)
     # GroupQueryAttention (the serving layout's fast path) runs fp32 on the CPU provider only;
@@ -145,8 +143,6 @@ def _open_ort(path: Path, options: LoadOptions):
         return ServingStep(runner, capacity, options.max_batch, options.device.value), runner.spec
     if options.device is Device.CUDA:  # the KV cache stays on the GPU between steps
         return OrtValueStep(runner, "cuda"), runner.spec
-    if options.io_binding:
-        return BoundOrtStep(runner), runner.spec
     return FeedStep(runner, runner.kv_dtype), runner.spec
 
 

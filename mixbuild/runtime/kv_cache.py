@@ -1,17 +1,11 @@
 """The KV cache the generation layer owns.
 
 The concat layout (the serving layout's `StaticCache` is at the end of this module): the ONNX
-contract feeds ``past`` [B, Nkv, P, D] and returns ``present`` [B, Nkv, P+S, D]: the
-graph itself concatenates, so each step necessarily writes the whole cache once. `KVCache`
-makes that the only copy. Each cache tensor has two flat preallocated buffers (ping-pong): the
-past is a contiguous view of the first B*Nkv*P*D elements of one buffer, and the runner writes
-the present straight into a view of the other (ONNX Runtime IOBinding binds both as raw
-pointers); then the two swap roles. Any (B, P) whose product fits the capacity reuses the same
-memory, so there is no allocation per step; capacity grows (once per call at most) when a
-larger batch or longer sequence needs it.
-
-`AdoptedCache` is for runners that allocate their own outputs (torch, TensorRT through
-numpy): it keeps the arrays the runner returned and feeds them back, without copying.
+contract feeds ``past`` [B, Nkv, P, D] and returns ``present`` [B, Nkv, P+S, D]: the graph
+itself concatenates, so each step necessarily writes the whole cache once. `AdoptedCache`
+keeps the arrays the runner returned (ONNX Runtime's own present outputs, torch, TensorRT
+through numpy) and feeds them back as the next past, without copying; `OrtValueCache` does the
+same with OrtValues on the session's device.
 
 Both shrink the batch when sequences finish (`compact`): the surviving rows are gathered and
 the left-padding columns that every survivor shares are dropped.
@@ -28,74 +22,6 @@ from mixbuild.model.spec import MixtralSpec
 def cache_names(spec: MixtralSpec) -> list[tuple[str, str]]:
     """(past input name, present output name) for every cache tensor, in layer order."""
     return kv_pairs(spec.num_layers)
-
-
-class KVCache:
-    """Ping-pong preallocated cache in host memory (numpy)."""
-
-    def __init__(self, spec: MixtralSpec, dtype=np.float32) -> None:
-        self.spec = spec
-        self.dtype = np.dtype(dtype)
-        self.names = cache_names(spec)
-        self.row = spec.num_kv_heads * spec.head_dim  # elements per (batch row, position)
-        self.buffers: list[list[np.ndarray]] = [[], []]
-        self.pointers: list[list[int]] = [[], []]  # base address of every buffer
-        self.logits = np.empty(0, np.float32)
-        self.current = 0
-        self.batch = 0
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        """Elements per cache tensor (batch x positions x Nkv x D) that fit without growing."""
-        return self.buffers[0][0].size if self.buffers[0] else 0
-
-    def reset(self, batch: int, max_length: int) -> None:
-        """Start an empty cache for `batch` rows that may grow to `max_length` positions."""
-        need = batch * max_length * self.row
-        if need > self.capacity:
-            count = len(self.names)
-            self.buffers = [[np.empty(need, self.dtype) for _ in range(count)] for _ in range(2)]
-            self.pointers = [[b.ctypes.data for b in side] for side in self.buffers]
-        self.current, self.batch, self.length = 0, batch, 0
-
-    def logits_buffer(self, shape: tuple[int, int, int]) -> np.ndarray:
-        size = shape[0] * shape[1] * shape[2]
-        if size > self.logits.size:
-            self.logits = np.empty(size, np.float32)
-        return self.logits[:size].reshape(shape)
-
-    def _view(self, side: int, index: int, batch: int, length: int) -> np.ndarray:
-        shape = (batch, self.spec.num_kv_heads, length, self.spec.head_dim)
-        return self.buffers[side][index][:batch * length * self.row].reshape(shape)
-
-    def past(self, index: int) -> np.ndarray:
-        return self._view(self.current, index, self.batch, self.length)
-
-    def target(self, index: int, seq: int) -> np.ndarray:
-        """Where the runner writes present `index` for a step of `seq` new tokens."""
-        return self._view(1 - self.current, index, self.batch, self.length + seq)
-
-    def shape(self, length: int) -> list[int]:
-        return [self.batch, self.spec.num_kv_heads, length, self.spec.head_dim]
-
-    def bindings(self, seq: int):
-        """(past name, present name, past address, present address) per cache tensor, and the
-        past and present shapes, for binding raw pointers (every view starts at its buffer)."""
-        rows = zip(self.names, self.pointers[self.current], self.pointers[1 - self.current])
-        return ([(past, present, src, dst) for (past, present), src, dst in rows],
-                self.shape(self.length), self.shape(self.length + seq))
-
-    def advance(self, seq: int) -> None:
-        self.current, self.length = 1 - self.current, self.length + seq
-
-    def compact(self, keep: np.ndarray, trim: int = 0) -> None:
-        """Keep rows `keep` (ascending) and drop the first `trim` positions of every row."""
-        batch, length = len(keep), self.length - trim
-        for index in range(len(self.names)):
-            src = self.past(index)
-            np.copyto(self._view(1 - self.current, index, batch, length), src[keep, :, trim:])
-        self.current, self.batch, self.length = 1 - self.current, batch, length
 
 
 class AdoptedCache:

@@ -4,21 +4,17 @@
 
 returns the logits of the last position of each row and leaves the cache holding P+S positions.
 
-- `BoundOrtStep`: ONNX Runtime through IOBinding. Past and present are bound as raw pointers
-  into the ping-pong buffers of `KVCache` and the logits into a reusable buffer, so a decode
-  step allocates nothing and copies nothing outside the graph.
 - `FeedStep`: any `Runner` (ONNX Runtime's plain session.run, torch, TensorRT, a wrapped
   runner): feeds past as arrays and adopts the present arrays the runner returns
   (`AdoptedCache`). With ONNX Runtime on CPU this is zero-copy too: numpy wraps the present
   tensors ORT's Concat wrote (from ORT's arena), and they go back in as past without a copy.
 
-Which is faster on CPU (ORT 1.32, measured on the trained fixture and a 338M-parameter random
-Mixtral, 1 thread): the session run itself is equal (prebound IOBinding ~3% faster in
-isolation), but binding 2 x layers cache tensors per step costs ~0.09-0.12 ms of Python, more
-than the allocation it saves: end to end FeedStep was ~8% faster on the fixture (B=1: 1494 vs
-1364 tokens/s) and equal on the 338M model (B=8: 82.2 vs 82.6 tokens/s), also at 1000
-positions of context. So `load` uses FeedStep by default and BoundOrtStep with
-io_binding=True on CPU.
+  An IOBinding step over preallocated ping-pong buffers was measured against it on CPU (ORT
+  1.32, the trained fixture and a 338M-parameter random Mixtral, 1 thread): the session run
+  was equal (prebound ~3% faster in isolation), but binding 2 x layers cache tensors per step
+  cost ~0.09-0.12 ms of Python, more than the allocation it saved: end to end FeedStep was ~8%
+  faster on the fixture (B=1: 1494 vs 1364 tokens/s) and equal on the 338M model (B=8: 82.2
+  vs 82.6 tokens/s), also at 1000 positions of context. That step and its cache were removed.
 - `OrtValueStep`: ONNX Runtime with the cache kept as OrtValues on the session's device: the
   present outputs ORT allocates there are bound as the next step's past, and only the logits
   come back to the host. This is what `load(..., device="cuda")` uses, so the KV cache never
@@ -47,7 +43,7 @@ from mixbuild.contract import (
     POSITION_IDS,
     Layout,
 )
-from mixbuild.runtime.kv_cache import AdoptedCache, KVCache, OrtValueCache, StaticCache
+from mixbuild.runtime.kv_cache import AdoptedCache, OrtValueCache, StaticCache
 from mixbuild.runtime.runner import Runner
 
 
@@ -88,36 +84,6 @@ class FeedStep:
         outputs = self.runner.infer(feeds)
         cache.adopt(outputs, input_ids.shape[1])
         return outputs[LOGITS][:, -1]
-
-
-class BoundOrtStep:
-    """ONNX Runtime with every cache tensor and the logits bound to preallocated memory."""
-
-    layout = Layout.CONCAT
-
-    def __init__(self, runner) -> None:  # runner: OrtRunner
-        self.session = runner.session
-        self.spec = runner.spec
-        self.kv_dtype = runner.kv_dtype
-
-    def new_cache(self) -> KVCache:
-        return KVCache(self.spec, self.kv_dtype)
-
-    def __call__(self, input_ids, attention_mask, position_ids, cache: KVCache) -> np.ndarray:
-        batch, seq = input_ids.shape
-        io = self.session.io_binding()  # per call: concurrent requests never share bindings
-        for name, value in _token_feeds(input_ids, attention_mask, position_ids).items():
-            io.bind_cpu_input(name, value)
-        rows, past_shape, present_shape = cache.bindings(seq)
-        dtype = cache.dtype
-        for past, present, src, dst in rows:
-            io.bind_input(past, "cpu", 0, dtype, past_shape, src)
-            io.bind_output(present, "cpu", 0, dtype, present_shape, dst)
-        logits = cache.logits_buffer((batch, seq, self.spec.vocab_size))
-        _bind(io.bind_output, LOGITS, logits)
-        self.session.run_with_iobinding(io)
-        cache.advance(seq)
-        return logits[:, -1]
 
 
 def _bind(bind, name: str, array: np.ndarray) -> None:

@@ -9,7 +9,7 @@ PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\nclass Config", "    
 
 @pytest.fixture(scope="session")
 def runtime_artifact(fixture_concat_artifact):
-    """The per-call runtime's steps (FeedStep, BoundOrtStep, OrtValueStep) run the concat
+    """The per-call runtime's steps (FeedStep, OrtValueStep) run the concat
     layout; the serving layout's scheduler is tests/serving/'s and tests/serve/'s."""
     return fixture_concat_artifact
 
@@ -28,14 +28,6 @@ def ort_feed_model(runtime_artifact):
     import mixbuild.runtime as rt
 
     return rt.load(runtime_artifact, threads=1)
-
-
-@pytest.fixture(scope="session")
-def ort_bound_model(runtime_artifact):
-    """The ort backend with its KV cache in preallocated IOBinding buffers."""
-    import mixbuild.runtime as rt
-
-    return rt.load(runtime_artifact, threads=1, io_binding=True)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ JOBS = [(PROMPTS[i % 3] + " " * (i // 3), dict(temperature=0.8, top_k=40, seed=1
 
 # torch's intra-op pool oversubscribes 2 cores badly under 8 threads: fewer tokens there
 @pytest.mark.parametrize("backend, tokens",
-                         [("ort", 12), ("ort_bound", 12), ("ort_device", 12), ("torch", 4)])
+                         [("ort", 12), ("ort_feed", 12), ("ort_device", 12), ("torch", 4)])
 def test_eight_threads_match_the_sequential_run(request, backend, tokens):
     model = request.getfixturevalue(f"{backend}_model")
     jobs = [(prompt, {**sampling, "max_new_tokens": tokens}) for prompt, sampling in JOBS]

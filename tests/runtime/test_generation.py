@@ -17,7 +17,7 @@ def test_defaults_come_from_generation_config(ort_model):
     assert ort_model.defaults.eos_token_ids == (2,)
 
 
-@pytest.mark.parametrize("backend", ["ort", "ort_bound", "torch"])
+@pytest.mark.parametrize("backend", ["ort", "ort_feed", "torch"])
 def test_stream_concatenates_to_the_generated_text(request, backend):
     model = request.getfixturevalue(f"{backend}_model")
     stream = model.stream(PROMPTS[1], max_new_tokens=40)
@@ -129,9 +129,9 @@ class CountingStep:
         return self.step(input_ids, *rest)
 
 
-@pytest.mark.parametrize("backend, step_type", [("ort_bound", "BoundOrtStep"),
+@pytest.mark.parametrize("backend, step_type", [("ort_feed", "FeedStep"),
                                                 ("ort_device", "OrtValueStep")])
-def test_bound_ort_steps_compact_too(request, backend, step_type, ort_model):
+def test_per_call_steps_compact_the_batch(request, backend, step_type, ort_model):
     bound = request.getfixturevalue(f"{backend}_model")
     assert type(bound.step).__name__ == step_type
     step = CountingStep(bound.step)
@@ -143,14 +143,17 @@ def test_bound_ort_steps_compact_too(request, backend, step_type, ort_model):
         assert result.token_ids == ort_model.generate_ids([prompt], params)[0].token_ids
 
 
-def test_kv_cache_memory_is_reused(ort_bound_model):
-    model = ort_bound_model
+def test_kv_caches_are_reused_across_calls(ort_device_model):
+    """One call after another borrows the same cache from the pool (a model of its own: the
+    session's model has pooled one cache per concurrent call of other tests)."""
+    shared = ort_device_model
+    model = Model(shared.step, shared.spec, shared.tokenizer, shared.defaults)
     model.generate(PROMPTS, max_new_tokens=8)
     with model.caches.borrow() as cache:
-        before = [b.ctypes.data for side in cache.buffers for b in side]
+        before = cache
     model.generate(PROMPTS[:2], max_new_tokens=8)
     with model.caches.borrow() as cache:
-        assert [b.ctypes.data for side in cache.buffers for b in side] == before
+        assert cache is before and len(model.caches.free) == 0
 
 
 def test_more_prompts_than_max_batch(runtime_artifact, ort_model):

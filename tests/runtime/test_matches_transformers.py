@@ -24,7 +24,7 @@ def hf_greedy(hf_model, hf_tokenizer, prompts: list[str]) -> list[list[int]]:
     return rows
 
 
-@pytest.mark.parametrize("backend", ["ort", "ort_bound", "ort_device", "torch"])
+@pytest.mark.parametrize("backend", ["ort", "ort_feed", "ort_device", "torch"])
 @pytest.mark.parametrize("count", [1, 3])
 def test_greedy_equals_transformers(request, backend, count, hf_model, hf_tokenizer):
     model = request.getfixturevalue(f"{backend}_model")
