@@ -32,8 +32,6 @@ from mixbuild.model.spec import MixtralSpec
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-INDEX_FILE = HF_INDEX_FILE
-SINGLE_FILE = HF_WEIGHTS_FILE
 TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE, HF_GENERATION_FILE,
                    CHAT_TEMPLATE_FILE)
 
@@ -135,7 +133,7 @@ class Checkpoint:
 
     # ------------------------------------------------------------------ index
     def _weight_files(self) -> tuple[list[Path], dict[str, str] | None]:
-        index_path = self.path / INDEX_FILE
+        index_path = self.path / HF_INDEX_FILE
         if index_path.is_file():
             try:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -145,17 +143,17 @@ class Checkpoint:
             files = sorted({self.path / f for f in weight_map.values()})
             for f in files:
                 if not f.is_file():
-                    raise CheckpointError(f"missing shard {f.name} (listed in {INDEX_FILE})",
+                    raise CheckpointError(f"missing shard {f.name} (listed in {HF_INDEX_FILE})",
                                           hint="download every shard the index lists")
             return files, weight_map
-        single = self.path / SINGLE_FILE
+        single = self.path / HF_WEIGHTS_FILE
         if single.is_file():
             return [single], None
         pickles = sorted(p.name for p in self.path.glob("*.bin")) + sorted(
             p.name for p in self.path.glob("*.pt"))
         raise CheckpointError(
             f"{self.path}: no safetensors weights",
-            expected=f"{SINGLE_FILE} or {INDEX_FILE} with its shards",
+            expected=f"{HF_WEIGHTS_FILE} or {HF_INDEX_FILE} with its shards",
             found=", ".join(pickles) or "no weight files",
             hint="mixbuild never loads pickled weights; convert them to safetensors first"
             if pickles else "check the path")

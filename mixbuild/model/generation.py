@@ -17,8 +17,6 @@ from mixbuild.contract import HF_GENERATION_FILE
 from mixbuild.errors import ConfigError
 from mixbuild.jsonfile import read_json_object
 
-GENERATION_CONFIG = HF_GENERATION_FILE
-
 
 def token_ids(value, vocab_size: int | None = None, what: str = "token ids",
               allow_list: bool = True) -> tuple[int, ...]:
@@ -61,7 +59,7 @@ class GenerationConfig:
     @classmethod
     def read(cls, directory: Path, spec_eos: int | list[int] | None,
              vocab_size: int | None = None) -> GenerationConfig:
-        path = Path(directory) / GENERATION_CONFIG
+        path = Path(directory) / HF_GENERATION_FILE
         fields = read_json_object(path, ConfigError, "generation config") if path.is_file() else {}
         if "eos_token_id" in fields:
             eos = token_ids(fields["eos_token_id"], vocab_size, f"{path}: eos_token_id")

@@ -77,9 +77,6 @@ class LoadOptions:
                              found=f"backend='{self.backend.value}', layout='{self.layout.value}'",
                              hint="an artifact's layout is fixed at export (mixbuild export "
                                   "--layout); the ort backend runs the one it has")
-        if self.backend is Backend.TRT and self.device is Device.CPU:
-            raise UsageError("the trt backend runs TensorRT engines on a CUDA GPU",
-                             found="device='cpu'", hint="pass device='cuda'")
 
 
 def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch: int = 8,
@@ -118,10 +115,7 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", max_batch
     model_dir = ModelDir.resolve(path)
     path = model_dir.path
     chosen = model_dir.choose(options.backend, options.device, options.accuracy_level)
-    if model_dir.kind is ModelKind.HF_QUANTIZED:
-        step, spec = _open_hf_quantized(path, options)
-    else:
-        step, spec = _OPENERS[chosen](path, options)
+    step, spec = _OPENERS[model_dir.kind](path, options)
     defaults = GenerationDefaults.read(path, spec.eos_token_id, spec.vocab_size)
     return Model(step, spec, Tokenizer.from_dir(path), defaults, options, chosen.value)
 
@@ -168,39 +162,38 @@ def _ort_providers(device: Device) -> list[str]:
 def _open_torch(path: Path, options: LoadOptions):
     import torch
 
-    from mixbuild.runtime.steps import FeedStep
     from mixbuild.runtime.torch_runner import TorchRunner
 
-    if options.threads:
-        torch.set_num_threads(options.threads)
+    _torch_threads(options)
     dtype = torch.float32 if options.device is Device.CPU else None
-    if options.layout is Layout.SERVING:
-        from mixbuild.runtime.steps import TorchServingStep
-
-        model = TorchRunner.load_model(path, dtype=dtype, device=options.device.value,
-                                       layout=Layout.SERVING)
-        capacity = _serving_capacity(options, model.spec)
-        return TorchServingStep(model, capacity, options.max_batch), model.spec
-    runner = TorchRunner.from_checkpoint(path, dtype=dtype, device=options.device.value)
-    return FeedStep(runner), runner.spec
+    return _torch_step(TorchRunner.load_model(path, dtype=dtype, device=options.device.value,
+                                              layout=options.layout or Layout.CONCAT), options)
 
 
 def _open_hf_quantized(path: Path, options: LoadOptions):
     """A quantized Hugging Face checkpoint (`mixbuild export --format hf | hf-modelopt`) on the
     torch backend, float32 on the CPU with the dequantization the serving engines apply
-    (mixbuild/runtime/hf_quantized.py); layout="serving" puts it behind the scheduler."""
-    import torch
-
+    (mixbuild/runtime/hf_quantized.py)."""
     from mixbuild.runtime.hf_quantized import load_model
-    from mixbuild.runtime.steps import FeedStep
+
+    _torch_threads(options)
+    return _torch_step(load_model(path, layout=options.layout or Layout.CONCAT), options)
+
+
+def _torch_threads(options: LoadOptions) -> None:
+    if options.threads:
+        import torch
+
+        torch.set_num_threads(options.threads)
+
+
+def _torch_step(model, options: LoadOptions):
+    """The step over a reference model of either layout: layout="serving" puts it behind the
+    scheduler (TorchServingStep), else the per-call FeedStep."""
+    from mixbuild.runtime.steps import FeedStep, TorchServingStep
     from mixbuild.runtime.torch_runner import TorchRunner
 
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    model = load_model(path, layout=options.layout or Layout.CONCAT)
     if options.layout is Layout.SERVING:
-        from mixbuild.runtime.steps import TorchServingStep
-
         return TorchServingStep(model, _serving_capacity(options, model.spec), options.max_batch), model.spec
     return FeedStep(TorchRunner(model)), model.spec
 
@@ -217,7 +210,8 @@ def _open_trt(path: Path, options: LoadOptions):
     return FeedStep(runner, runner.kv_dtype), runner.spec
 
 
-_OPENERS = {Backend.ORT: _open_ort, Backend.TORCH: _open_torch, Backend.TRT: _open_trt}
+_OPENERS = {ModelKind.ARTIFACT: _open_ort, ModelKind.CHECKPOINT: _open_torch,
+            ModelKind.HF_QUANTIZED: _open_hf_quantized, ModelKind.ENGINE: _open_trt}
 
 
 class _CachePool:

@@ -142,8 +142,3 @@ class ModelDir:
                 raise UsageError(f"device 'cuda' was asked for the {chosen.value} backend, but "
                                  "torch sees no CUDA GPU", hint="pass device 'cpu'")
         return chosen
-
-
-def detect_backend(path: str | Path) -> Backend:
-    """Which backend opens `path`, from the files it holds."""
-    return ModelDir.resolve(path).backend

@@ -17,7 +17,6 @@ from typing import Any
 from mixbuild.contract import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from mixbuild.errors import ArtifactError, UsageError
 
-TOKENIZER_CONFIG = TOKENIZER_CONFIG_FILE
 REPLACEMENT = "\ufffd"
 
 
@@ -44,7 +43,7 @@ class Tokenizer:
             backend = Backend.from_file(str(path))
         except Exception as exc:  # the tokenizers library raises its own exception types
             raise ArtifactError(f"cannot read {path}", found=str(exc)[:300]) from exc
-        config_path = directory / TOKENIZER_CONFIG
+        config_path = directory / TOKENIZER_CONFIG_FILE
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         template = config.get("chat_template")
         if (directory / CHAT_TEMPLATE_FILE).is_file():

@@ -143,9 +143,8 @@ class TrtServingStep:
 
     layout = Layout.SERVING
 
-
     def __init__(self, runner: TrtRunner, max_batch: int) -> None:
-        from mixbuild.contract import Layout, cache_pairs
+        from mixbuild.contract import cache_pairs
 
         manifest = runner.manifest
         if manifest.get("layout") != Layout.SERVING.value or not manifest.get("cache_capacity"):

@@ -104,9 +104,8 @@ def open_model(model_dir: str, *, backend: str = "auto", no_batching: bool = Fal
     from mixbuild.runtime.opener import ModelDir
 
     model_dir_ = ModelDir.resolve(model_dir)
-    chosen = model_dir_.backend if backend == "auto" else Backend(backend)
+    chosen = model_dir_.backend if backend == "auto" else Backend(backend)   # load refuses a wrong one
     device = device or ("cuda" if chosen is Backend.TRT else "cpu")
-    chosen = model_dir_.choose(chosen, device, accuracy_level)
     if model_dir_.layout() is Layout.CONCAT:
         no_batching = True
     return load(model_dir_.path, backend=chosen.value, device=device,

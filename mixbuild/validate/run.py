@@ -27,6 +27,7 @@ from mixbuild.contract import TOKENIZER_FILE, Backend, Device, DType, Layout, Pr
 from mixbuild.errors import MissingDependencyError, UsageError, choice
 from mixbuild.model.checkpoint import Checkpoint
 from mixbuild.model.spec import MixtralSpec
+from mixbuild.runtime.opener import ModelDir, ModelKind
 
 
 @dataclass
@@ -181,8 +182,6 @@ def _batches(opened: _Opened, ckpt: Checkpoint, prompts, max_tokens, max_sequenc
 
 def _open(path: Path, backend: Backend, device: Device, dtype: str | None,
           accuracy_level: int = 1) -> _Opened:
-    from mixbuild.runtime.opener import ModelDir, ModelKind
-
     model_dir = ModelDir.resolve(path)
     chosen = model_dir.choose(backend, device, accuracy_level, verb="validate")
     if dtype is not None and chosen is not Backend.TORCH:
@@ -191,14 +190,13 @@ def _open(path: Path, backend: Backend, device: Device, dtype: str | None,
                          found=f"--dtype {dtype}",
                          hint=f"drop --dtype: the {chosen.value} backend runs the dtype the "
                               "model was exported or built with")
-    if model_dir.kind is ModelKind.HF_QUANTIZED:
-        return _open_hf_quantized(path, dtype)
-    if chosen is Backend.ORT:
-        return _open_ort(path, device, dtype, accuracy_level)
-    return _OPENERS[chosen](path, device, dtype)
+    return _OPENERS[model_dir.kind](model_dir, device, dtype, accuracy_level)
 
 
-def _open_ort(path: Path, device: Device, dtype: str | None, accuracy_level: int = 1) -> _Opened:
+# Each opener takes (ModelDir, device, dtype, accuracy_level), checked by ModelDir.choose and
+# _open; what an opener does not use has been refused there when it could not apply.
+
+def _open_ort(model_dir: ModelDir, device: Device, dtype: str | None, accuracy_level: int) -> _Opened:
     import numpy as np
     from onnx import helper
 
@@ -216,7 +214,7 @@ def _open_ort(path: Path, device: Device, dtype: str | None, accuracy_level: int
             raise MissingDependencyError("onnxruntime-gpu", "gpu",
                                          "validating on the ort backend with --device cuda")
         providers = ["CUDAExecutionProvider", *providers]
-    artifact = Artifact.open(path)
+    artifact = Artifact.open(model_dir.path)
     spec = artifact.spec
     serving = artifact.layout is Layout.SERVING
     act = helper.np_dtype_to_tensor_dtype(np.dtype(artifact.dtype.numpy))
@@ -246,20 +244,22 @@ class _RenamedRunner:
         return self.exposed.rename(self.runner.infer(feeds))
 
 
-def _open_torch(path: Path, device: Device, dtype: str | None) -> _Opened:
+def _open_torch(model_dir: ModelDir, device: Device, dtype: str | None, accuracy_level: int) -> _Opened:
     import numpy as np
 
     from mixbuild.runtime.torch_runner import TorchRunner
     from mixbuild.validate.experts import torch_expert_weights
 
     compute = DType.parse(dtype or "fp32")
-    runner = TorchRunner.from_checkpoint(path, dtype=compute.torch, debug=True, device=device.value)
+    runner = TorchRunner.from_checkpoint(model_dir.path, dtype=compute.torch, debug=True,
+                                         device=device.value)
     # float32 feeds: the runner casts the past KV to its dtype (numpy has no bfloat16)
-    return _Opened(runner, runner.spec, Precision.of_dtype(compute), np.float32, path, True,
+    return _Opened(runner, runner.spec, Precision.of_dtype(compute), np.float32, model_dir.path, True,
                    torch_expert_weights(runner))
 
 
-def _open_hf_quantized(path: Path, dtype: str | None) -> _Opened:
+def _open_hf_quantized(model_dir: ModelDir, device: Device, dtype: str | None,
+                       accuracy_level: int) -> _Opened:
     """A quantized Hugging Face checkpoint written by `mixbuild export --format hf`: the torch
     backend with the dequantization the engines apply (mixbuild/runtime/hf_quantized.py),
     float32 on the CPU; the tolerances are those of its precision."""
@@ -271,20 +271,17 @@ def _open_hf_quantized(path: Path, dtype: str | None) -> _Opened:
     if dtype is not None:   # the device was checked by ModelDir.choose
         raise UsageError("a quantized Hugging Face checkpoint is validated in float32 on the CPU",
                          found=f"--dtype {dtype}", hint="drop --dtype")
-    runner = load_runner(path, debug=True)        # every file's sha256 checked first
-    precision = Precision.parse(read_manifest(path, verify=False)["precision"])
-    return _Opened(runner, runner.spec, precision, np.float32, path, True,
+    runner = load_runner(model_dir.path, debug=True)   # every file's sha256 checked first
+    precision = Precision.parse(read_manifest(model_dir.path, verify=False)["precision"])
+    return _Opened(runner, runner.spec, precision, np.float32, model_dir.path, True,
                    torch_expert_weights(runner))
 
 
-def _open_trt(path: Path, device: Device, dtype: str | None) -> _Opened:
-    from mixbuild.runtime.opener import ModelDir
+def _open_trt(model_dir: ModelDir, device: Device, dtype: str | None, accuracy_level: int) -> _Opened:
     from mixbuild.runtime.trt_runner import TrtRunner
 
-    if device is Device.CPU:
-        raise UsageError("the trt backend runs TensorRT engines on a CUDA GPU",
-                         found="--device cpu", hint="pass --device cuda")
-    if ModelDir.resolve(path).layout() is Layout.SERVING:
+    path = model_dir.path
+    if model_dir.layout() is Layout.SERVING:
         raise UsageError(f"{path} is a serving-layout engine; validate compares the concat "
                          "layout's per-position outputs on the trt backend",
                          expected="an engine built from a `--layout concat` artifact",
@@ -297,4 +294,5 @@ def _open_trt(path: Path, device: Device, dtype: str | None) -> _Opened:
                    path, False)
 
 
-_OPENERS = {Backend.ORT: _open_ort, Backend.TORCH: _open_torch, Backend.TRT: _open_trt}
+_OPENERS = {ModelKind.ARTIFACT: _open_ort, ModelKind.CHECKPOINT: _open_torch,
+            ModelKind.HF_QUANTIZED: _open_hf_quantized, ModelKind.ENGINE: _open_trt}

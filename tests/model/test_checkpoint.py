@@ -4,8 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mixbuild.contract import HF_INDEX_FILE
 from mixbuild.errors import CheckpointError, ConfigError
-from mixbuild.model.checkpoint import INDEX_FILE, Checkpoint
+from mixbuild.model.checkpoint import Checkpoint
 from mixbuild.model.names import expected_tensors
 
 
@@ -66,14 +67,14 @@ def test_corrupt_header(ckpt_copy):
 
 def test_missing_tensor(ckpt_copy):
     name = "model.layers.1.block_sparse_moe.experts.5.w3.weight"
-    index = json.loads((ckpt_copy / INDEX_FILE).read_text())
+    index = json.loads((ckpt_copy / HF_INDEX_FILE).read_text())
     shard = ckpt_copy / index["weight_map"].pop(name)
     tensors = {n: t for n, t in Checkpoint(ckpt_copy).tensors.items() if t.file == shard and n != name}
     from safetensors import safe_open
     with safe_open(str(shard), "pt") as fh:
         kept = {n: fh.get_tensor(n) for n in tensors}
     save_file(kept, shard)
-    (ckpt_copy / INDEX_FILE).write_text(json.dumps(index))
+    (ckpt_copy / HF_INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=f"missing tensor '{name}'"):
         Checkpoint(ckpt_copy).verify()
 
