@@ -71,11 +71,8 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def serving_artifact(fixture_dir, tmp_path_factory) -> Path:
-    from mixbuild.exporter.export import export_checkpoint
-
-    return export_checkpoint(fixture_dir, tmp_path_factory.mktemp("serve") / "tiny-serving",
-                             layout="serving", progress=False)
+def serving_artifact(fixture_fp32_artifact) -> Path:
+    return fixture_fp32_artifact        # the default export: the serving layout
 
 
 @pytest.fixture(scope="session")

@@ -14,15 +14,13 @@ import pytest
 import mixbuild.runtime as rt
 from mixbuild.contract import Layout
 from mixbuild.errors import ArtifactError, UsageError
-from mixbuild.exporter.export import export_checkpoint
 from mixbuild.runtime.generate import FinishReason
 from mixbuild.runtime.scheduler import Overloaded, Scheduler
 
 
 @pytest.fixture(scope="module")
-def serving_dir(fixture_dir, tmp_path_factory):
-    return export_checkpoint(fixture_dir, tmp_path_factory.mktemp("sched") / "fx", layout="serving",
-                             progress=False)
+def serving_dir(fixture_fp32_artifact):
+    return fixture_fp32_artifact        # the default export: the serving layout
 
 
 @pytest.fixture(scope="module")

@@ -135,9 +135,8 @@ def greedy(step: ServingStep, cache, schedule: dict, steps: int) -> dict[int, li
 
 
 @pytest.fixture(scope="module")
-def fixture_serving(fixture_dir, tmp_path_factory):
-    return export_checkpoint(fixture_dir, tmp_path_factory.mktemp("fx") / "fx", layout="serving",
-                             progress=False)
+def fixture_serving(fixture_fp32_artifact):
+    return fixture_fp32_artifact        # the default export: the serving layout
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["gqa", "standard"])
