@@ -17,7 +17,7 @@ engines alternate, so a slow spell of the machine does not hit one engine only).
 
 mixbuild's quantized artifacts run on ONNX Runtime's fast kernels as `mixbuild run` and the
 runtime load them (int4 experts as QMoE, int4 linears as MatMulNBits at accuracy level 1,
-fp8 weights folded to float32 at load; mixbuild/runtime/ort_quant.py), and as "body", the
+fp8 weights folded to float32 at load; mixbuild/schemes/ort.py), and as "body", the
 artifact's own portable function bodies (what every quantized artifact ran before:
 dequantize every expert on every call), with fewer tokens (it is slow). int4 also runs at
 accuracy level 4 ("A8": int8 activations, `--accuracy-level 4`, the numerics of llama.cpp's

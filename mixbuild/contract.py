@@ -348,7 +348,7 @@ def quantized_precision(value) -> Precision:
 
 
 # ONNX Runtime's int4 kernels (MatMulNBits, QMoE): the `accuracy_level`s its CPU provider
-# implements, i.e. the activation type of the products (mixbuild/runtime/ort_quant.py)
+# implements, i.e. the activation type of the products (mixbuild/schemes/ort.py)
 ACCURACY_LEVELS = {1: "float32 activations, the contract's W4A16",
                    4: "int8 activations, block-wise: llama.cpp's Q4_0 x Q8_0 numerics"}
 ACCURACY_LEVEL_HELP = ("ort backend, int4 artifacts: the activation type of ONNX Runtime's int4 "

@@ -7,6 +7,7 @@ costs nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 
 def as_numpy(t):
@@ -81,3 +82,31 @@ def cast_finite(t, dtype, name: str,
             hint=f"the values exceed the range of that dtype: {overflow_hint}"
             if t.dtype != dtype else "the weights are corrupt; check the checkpoint")
     return out
+
+
+# ONNX element type -> the numpy type of its stored bytes (fp8: uint8 bit patterns, int4: packed
+# bytes, bfloat16: uint16 bit patterns)
+_STORED = {1: "float32", 10: "float16", 2: "uint8", 3: "int8", 17: "uint8", 16: "uint16",
+           22: "uint8"}
+
+
+def initializer_array(tensor, directory):
+    """An initializer (onnx TensorProto, its data in the file `directory` holds or inline) as
+    numpy: fp8 as uint8 bit patterns, int4 as packed bytes [..., K/2], bfloat16 as float32."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {e.key: e.value for e in tensor.external_data}
+    dtype = np.dtype(_STORED[tensor.data_type])
+    data = np.memmap(Path(directory) / info["location"], dtype=np.uint8, mode="r",
+                     offset=int(info.get("offset", 0)), shape=(int(info["length"]),))
+    array = np.array(data).view(dtype)
+    dims = list(tensor.dims)
+    if tensor.data_type == 16:  # bfloat16 -> float32
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    if tensor.data_type == onnx.TensorProto.INT4:  # packed: two values per byte along K
+        dims[-1] //= 2
+    return array.reshape(tuple(dims))

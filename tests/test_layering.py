@@ -20,6 +20,7 @@ LAYERS = [
     {"mixbuild", "errors", "progress", "contract", "atomic", "tensors", "jsonfile", "fixtures"},
     {"model"},
     {"plugins"},
+    {"schemes"},
     {"quant"},
     {"exporter"},
     {"builder"},

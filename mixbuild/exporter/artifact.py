@@ -12,6 +12,7 @@ from mixbuild.errors import ArtifactError, ConfigError
 from mixbuild.exporter.consistency import check_graph
 from mixbuild.exporter.manifest import read_manifest, verify_files
 from mixbuild.model.spec import MixtralSpec
+from mixbuild.schemes import Scheme, scheme_named, scheme_of
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,14 @@ class Artifact:
         return self.manifest.get("logits") == "all"
 
     @property
-    def lm_head(self) -> str:
-        """How a quantized artifact's lm_head is stored: float, int8 or int4."""
-        return (self.manifest.get("quantization") or {}).get("lm_head", "float")
+    def scheme(self) -> Scheme:
+        """The weight scheme of the quantized linears and experts (FLOAT: none)."""
+        return scheme_of(self.precision)
+
+    @property
+    def head_scheme(self) -> Scheme:
+        """How lm_head is stored: FLOAT (the graph's float type), INT8 or INT4."""
+        return scheme_named((self.manifest.get("quantization") or {}).get("lm_head", "float"))
 
 
 def spec_of(data: Any, source: Path, hint: str = "export the artifact again") -> MixtralSpec:

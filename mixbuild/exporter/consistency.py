@@ -39,7 +39,6 @@ from mixbuild.contract import (
     DType,
     Layout,
     Precision,
-    QuantScheme,
     TensorSpec,
     io_specs,
     is_kv_input,
@@ -47,6 +46,7 @@ from mixbuild.contract import (
 from mixbuild.errors import ArtifactError
 from mixbuild.exporter.manifest import mismatch
 from mixbuild.model.spec import MixtralSpec
+from mixbuild.schemes import Scheme, scheme_of
 
 _HINT = "the manifest was edited or belongs to another export; export the artifact again"
 
@@ -165,22 +165,21 @@ def check_graph(directory: Path, manifest: dict[str, Any], spec: MixtralSpec,
                 or "no FLOAT8E4M3FN or INT4")
         raise refuse("precision", f"{precision.value} (model.onnx has {held} initializers and "
                      f"{facts.quantize_nodes} QuantizeLinear nodes)", found.value)
-    group = _check_quantization(refuse, manifest["quantization"], precision)
-    scheme = {Precision.FP8: QuantScheme.FP8, Precision.INT4: QuantScheme.INT4}.get(
-        precision, QuantScheme.NONE)
+    scheme = scheme_of(precision)
+    group = _check_quantization(refuse, manifest["quantization"], precision, scheme)
     for layer, (gate, experts) in enumerate(zip(facts.gates, facts.experts)):
         if gate.get("top_k") != spec.top_k:
             raise refuse("spec.top_k", f"{gate.get('top_k')} (the top_k attribute of model.onnx's "
                          f"{GATE_OP} node of layer {layer})", spec.top_k)
-        if experts.get("quantization") != scheme.value:
+        if experts.get("quantization") != scheme.moe.value:
             raise refuse("precision", f"a precision whose MoE weights are "
                          f"{experts.get('quantization')} (the quantization attribute of "
                          f"model.onnx's {EXPERTS_OP} node of layer {layer})", precision.value)
         if experts.get("group_size", 0) != group:
-            name = "quantization.group_size" if precision is Precision.INT4 else "precision"
+            name, held = (("quantization.group_size", group) if group
+                          else ("precision", precision.value))
             raise refuse(name, f"{experts.get('group_size', 0)} (the group_size attribute of "
-                         f"model.onnx's {EXPERTS_OP} node of layer {layer})",
-                         group if precision is Precision.INT4 else precision.value)
+                         f"model.onnx's {EXPERTS_OP} node of layer {layer})", held)
     _check_expert_shapes(facts, spec, refuse)
     logits = next((t for t in facts.outputs if t.name == LOGITS), None)
     if logits is not None and logits.dims and logits.dims[-1] != spec.vocab_size:
@@ -208,9 +207,9 @@ def check_graph(directory: Path, manifest: dict[str, Any], spec: MixtralSpec,
                      f"{', '.join(unlisted)})", sorted(manifest["files"]))
 
 
-def _check_quantization(refuse, quant: dict | None, precision: Precision) -> int:
+def _check_quantization(refuse, quant: dict | None, precision: Precision, scheme: Scheme) -> int:
     """The manifest's quantization settings agree with the precision; returns the MoEExperts
-    group_size they imply (int4's group size, else 0)."""
+    group_size they imply (a grouped scheme's group size, else 0)."""
     if not precision.quantized:
         if quant is not None:
             raise refuse("quantization", f"null (a {precision.value} artifact is not quantized)", quant)
@@ -220,11 +219,12 @@ def _check_quantization(refuse, quant: dict | None, precision: Precision) -> int
                      None)
     if quant.get("precision") != precision.value:
         raise refuse("quantization.precision", precision.value, quant.get("precision"))
-    if precision is not Precision.INT4:
+    if not scheme.grouped:
         return 0
     group = quant.get("group_size")
     if not isinstance(group, int) or isinstance(group, bool) or group <= 0:
-        raise refuse("quantization.group_size", "the int4 group size, a positive integer", group)
+        raise refuse("quantization.group_size", f"the {scheme.name} group size, a positive "
+                     "integer", group)
     return group
 
 

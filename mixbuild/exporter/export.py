@@ -207,14 +207,12 @@ def _apply_weights(onnx_model, ckpt: Checkpoint, torch_dtype, quant, calibration
         attach_weights(onnx_model, ckpt, torch_dtype)
         attach_functions(onnx_model, spec)
         return None
-    from mixbuild.exporter.quant_functions import FP8Weights, Int4Weights
+    from mixbuild.exporter.quant_functions import QuantizedWeights
     from mixbuild.quant.report import summary
     from mixbuild.quant.rewrite import quantize_graph
 
-    h, i = spec.hidden_size, spec.intermediate_size
-    scheme = (FP8Weights(quant.fp8_per_channel, h, i) if quant.precision is Precision.FP8
-              else Int4Weights(quant.group_size, h, i))
+    body = QuantizedWeights(quant.scheme, quant, spec.hidden_size, spec.intermediate_size)
     counts = quantize_graph(onnx_model, ckpt, calibration, quant, torch_dtype, store)
-    attach_functions(onnx_model, spec, scheme)
+    attach_functions(onnx_model, spec, body)
     head = {"lm_head_weight_rel_error": store.head_error} if quant.lm_head.quantized else {}
     return {**quant.to_dict(), **counts, **head, "layers": summary(calibration)}

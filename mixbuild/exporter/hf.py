@@ -59,13 +59,11 @@ from mixbuild.contract import (
     HF_MODELOPT_CONFIG_FILE,
     DType,
     ExportFormat,
-    Precision,
 )
-from mixbuild.errors import CheckpointError, UsageError
+from mixbuild.errors import UsageError
 from mixbuild.exporter.manifest import sha256_file
 from mixbuild.model.checkpoint import Checkpoint
 from mixbuild.model.names import tensor_name
-from mixbuild.plugins import formats
 from mixbuild.tensors import cast_finite
 
 COMPRESSED_TENSORS = "compressed-tensors"
@@ -96,91 +94,20 @@ def check_hf_options(fmt: ExportFormat, quant) -> None:
                          found=f"--lm-head {quant.lm_head.value} with --format {fmt.value}",
                          hint="drop --lm-head: the Hugging Face hand-off lists lm_head as "
                               "unquantized (vLLM and TensorRT-LLM keep it in high precision)")
-    if fmt is ExportFormat.HF_MODELOPT:
-        if quant.precision is not Precision.FP8:
-            raise UsageError("--format hf-modelopt writes NVIDIA's unified FP8 format only",
-                             expected="--precision fp8 with --format hf-modelopt",
-                             found=f"--precision {quant.precision.value}",
-                             hint="use --format hf for int4 (compressed-tensors pack-quantized)")
-        if quant.fp8_per_channel:
-            raise UsageError(
-                "--format hf-modelopt needs per-tensor fp8 weight scales",
-                expected="--fp8-weight-scales tensor (ModelOpt's quant_algo FP8 is per-tensor "
-                         "weights with static input scales; its per-channel algorithm uses "
-                         "dynamic per-token activation scales, not mixbuild's calibrated ones)",
-                found="--fp8-weight-scales channel",
-                hint="pass --fp8-weight-scales tensor, or use --format hf (compressed-tensors "
-                     "holds per-channel weight scales with static input scales)")
-
-
-def _check_scale(name: str, scale: torch.Tensor) -> None:
-    """Every scale written must be finite and positive: a NaN, Inf or non-positive scale (a
-    corrupt weight, a calibration that overflowed) would load silently and produce garbage."""
-    s = scale.float()
-    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-        bad = s[~(torch.isfinite(s) & (s > 0))]
-        raise CheckpointError(f"quantization produced an invalid scale for {name}",
-                              expected="finite, positive scales",
-                              found=f"{bad.numel()} of {s.numel()} values invalid "
-                                    f"(e.g. {float(bad.flatten()[0])})",
-                              hint="check the checkpoint's weights with `mixbuild inspect`; "
-                                   "re-export from an intact checkpoint")
-
-
-# ---------------------------------------------------------------------------- tensor layouts
-
-def pack_int32(codes: torch.Tensor) -> torch.Tensor:
-    """int codes in [-8, 7] [N, K] (K % 8 == 0) -> int32 [N, K / 8], compressed-tensors'
-    pack_to_int32(num_bits=4): each code offset by 8 to an unsigned nibble, element 8w + j of a
-    row in bits 4j..4j+3 of word w (first value in the lowest bits)."""
-    n, k = codes.shape
-    if k % 8:
-        raise UsageError("compressed-tensors int4 packing needs K divisible by 8",
-                         expected="K % 8 == 0", found=f"K = {k}")
-    unsigned = (codes.to(torch.int64) + 8).view(n, k // 8, 8)
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
-    words = (unsigned << shifts).sum(dim=-1)
-    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)   # two's complement int32
-    return words.to(torch.int32)
-
-
-def unpack_int32(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """Inverse of pack_int32: int32 [N, K / 8] -> int8 codes [N, K] in [-8, 7]."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
-    nibbles = (packed.to(torch.int64)[..., None] >> shifts) & 0xF
-    return (nibbles.flatten(-2)[..., :k] - 8).to(torch.int8)
+    quant.scheme.check_hf(fmt, quant)
 
 
 class _Writer:
-    """The tensors of one linear in the chosen format (name -> tensor)."""
+    """The tensors of one linear in the chosen format (name -> tensor): the scheme's."""
 
     def __init__(self, fmt: ExportFormat, quant, dtype: torch.dtype) -> None:
         self.fmt, self.quant, self.dtype = fmt, quant, dtype
-        self.fp8 = quant.precision is Precision.FP8
 
     def linear(self, prefix: str, q: torch.Tensor, scale: torch.Tensor,
                act_scale: float | None) -> dict[str, torch.Tensor]:
         """q / scale in mixbuild.plugins.formats layout for one matrix [N, K]."""
-        _check_scale(prefix + ".weight_scale", scale)
-        n = q.shape[0]
-        if self.fp8:
-            out = {prefix + ".weight": q.contiguous()}
-            input_scale = torch.tensor(max(act_scale, 1e-8) / formats.FP8_MAX, dtype=torch.float32)
-            _check_scale(prefix + ".input_scale", input_scale)
-            if self.fmt is ExportFormat.HF_MODELOPT:   # scalars: vLLM PerTensorScaleParameter
-                out[prefix + ".weight_scale"] = scale.float().reshape(())
-                out[prefix + ".input_scale"] = input_scale.reshape(())
-            else:   # vLLM CompressedTensorsW8A8Fp8: ChannelQuantScaleParameter [N, 1] / [1]
-                out[prefix + ".weight_scale"] = (scale.float().reshape(n, 1)
-                                                 if self.quant.fp8_per_channel
-                                                 else scale.float().reshape(1))
-                out[prefix + ".input_scale"] = input_scale.reshape(1)
-            return out
-        codes = formats.unpack_int4(q)
-        k = codes.shape[-1]
-        return {prefix + ".weight_packed": pack_int32(codes),
-                prefix + ".weight_scale": cast_finite(scale, self.dtype, prefix + ".weight_scale"),
-                prefix + ".weight_shape": torch.tensor([n, k], dtype=torch.int64)}
+        return self.quant.scheme.hf_linear(prefix, q, scale, act_scale, self.fmt, self.quant,
+                                           self.dtype)
 
 
 # ------------------------------------------------------------------------------- the export
@@ -212,13 +139,7 @@ def export_hf_checkpoint(checkpoint: str | Path, out: str | Path, quant,
     ckpt.verify()
     spec = ckpt.spec
     quant.check_spec(spec)
-    if quant.precision is Precision.INT4:
-        for what, k in (("hidden_size", spec.hidden_size), ("num_heads * head_dim", spec.q_size),
-                        ("intermediate_size", spec.intermediate_size)):
-            if k % 8:
-                raise UsageError(f"compressed-tensors int4 packs 8 values per int32: {what} = {k} "
-                                 "is not a multiple of 8", expected="K % 8 == 0",
-                                 found=f"{what} = {k}", hint="export --format onnx instead")
+    quant.scheme.check_hf_spec(spec)
     with atomic_directory(out, HF_CHECKPOINT_KIND, overwrite, inputs) as tmp, \
             scratch_directory(out) as work:
         store = QuantStore(Path(work))
@@ -343,19 +264,7 @@ def compressed_tensors_config(quant, spec) -> dict[str, Any]:
     """config.json's `quantization_config` for compressed-tensors (the keys of
     compressed_tensors.quantization.QuantizationConfig as it serialises them; transformers'
     CompressedTensorsConfig and vLLM's CompressedTensorsConfig.from_config read it)."""
-    if quant.precision is Precision.FP8:
-        weights = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None,
-                   "strategy": "channel" if quant.fp8_per_channel else "tensor",
-                   "dynamic": False, "observer": "minmax"}
-        inputs = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None,
-                  "strategy": "tensor", "dynamic": False, "observer": "static_minmax"}
-        fmt = "float-quantized"
-    else:
-        weights = {"num_bits": 4, "type": "int", "symmetric": True,
-                   "group_size": quant.group_size, "strategy": "group", "dynamic": False,
-                   "observer": "minmax"}
-        inputs = None
-        fmt = "pack-quantized"
+    weights, inputs, fmt = quant.scheme.compressed_tensors(quant)
     return {
         "quant_method": COMPRESSED_TENSORS,
         "format": fmt,

@@ -16,30 +16,7 @@ import numpy as np
 from mixbuild.contract import SMOOTHING_FILE
 from mixbuild.errors import ArtifactError
 from mixbuild.exporter.artifact import Artifact
-
-_NUMPY = {1: np.float32, 10: np.float16, 2: np.uint8, 3: np.int8, 17: np.uint8, 16: np.uint16,
-          22: np.uint8}
-
-
-def initializer_array(tensor, directory: Path) -> np.ndarray:
-    """An initializer (onnx TensorProto, its data in the file `directory` holds or inline) as
-    numpy: fp8 as uint8 bit patterns, int4 as packed bytes [..., K/2], bfloat16 as float32."""
-    import onnx
-    from onnx import numpy_helper
-
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return numpy_helper.to_array(tensor)
-    info = {e.key: e.value for e in tensor.external_data}
-    dtype = _NUMPY[tensor.data_type]
-    data = np.memmap(directory / info["location"], dtype=np.uint8, mode="r",
-                     offset=int(info.get("offset", 0)), shape=(int(info["length"]),))
-    array = np.array(data).view(dtype)
-    dims = list(tensor.dims)
-    if tensor.data_type == 16:  # bfloat16 -> float32
-        array = (array.astype(np.uint32) << 16).view(np.float32)
-    if tensor.data_type == onnx.TensorProto.INT4:  # packed: two values per byte along K
-        dims[-1] //= 2
-    return array.reshape(tuple(dims))
+from mixbuild.tensors import initializer_array
 
 
 class ArtifactWeights:

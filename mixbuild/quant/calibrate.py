@@ -15,13 +15,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mixbuild.contract import TOKENIZER_FILE, Precision
+from mixbuild.contract import TOKENIZER_FILE
 from mixbuild.errors import CheckpointError, UsageError
 from mixbuild.model.checkpoint import Checkpoint
 from mixbuild.model.reference import DecoderLayer, RMSNorm, attention_bias, rope_tables
-from mixbuild.plugins import formats
 from mixbuild.quant import awq
-from mixbuild.quant.config import Int4Method, LmHead, QuantConfig
+from mixbuild.quant.config import QuantConfig
 from mixbuild.quant.quantize import HEAD, QuantStore, SmoothedWeights, quantize_matrix
 
 # Standard-library modules whose source is the built-in calibration text: present wherever
@@ -168,7 +167,7 @@ def _quantize_lm_head(ckpt: Checkpoint, hidden: Tensor, config: QuantConfig,
     norm.weight.copy_(ckpt.weight("final_norm").float())
     x = norm(hidden).reshape(-1, spec.hidden_size)
     w = ckpt.weight("lm_head").float()
-    q, scale, wq = quantize_matrix(w, x, None, config, bits=8 if config.lm_head is LmHead.INT8 else 4)
+    q, scale, wq = quantize_matrix(w, x, None, config, scheme=config.head_scheme)
     store.head_error = awq.relative_error(w, wq)
     return {"lm_head.weight": (q, scale)}
 
@@ -179,13 +178,11 @@ def _dequantized_layer(ckpt: Checkpoint, index: int, smoothed: SmoothedWeights, 
     smoothed norms and router, and the dequantized linears and experts of `tensors`."""
     layer = DecoderLayer(ckpt.spec)
     prefix = f"layers.{index}."
-    fp8 = config.precision is Precision.FP8
 
     def dequantize(q: Tensor, scale: Tensor) -> Tensor:   # [N, K] or [E, N, K] codes
         batched = q if q.dim() == 3 else q[None]
         s = scale if q.dim() == 3 else scale[None]
-        w = (formats.dequantize_fp8(batched, s) if fp8
-             else formats.dequantize_int4(batched, s, config.group_size))
+        w = config.scheme.dequantize(batched, s, config)
         return w if q.dim() == 3 else w[0]
 
     with torch.no_grad():
@@ -226,7 +223,7 @@ def _calibrate_layer(layer: DecoderLayer, x: Tensor, attn_args, config: QuantCon
         down_in_amax=[float(a.abs().max()) for a in swiglu])
     acts = {"attn": flat_attn, "o": captured["o_in"], "moe": flat_moe, "down": swiglu,
             "routed": routed}
-    if config.precision is Precision.INT4 and config.int4_method is Int4Method.AWQ:
+    if config.smooths:
         _search_smoothing(layer, result, acts, config)
     return x + moe, result, acts
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from mixbuild.contract import Precision, quantized_precision
 from mixbuild.errors import UsageError, choice
+from mixbuild.schemes import FLOAT, Scheme, scheme_named, scheme_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from mixbuild.model.spec import MixtralSpec
@@ -29,6 +29,10 @@ class LmHead(str, Enum):
     @property
     def quantized(self) -> bool:
         return self is not LmHead.FLOAT
+
+    @property
+    def scheme(self) -> Scheme:
+        return scheme_named(self.value)
 
 
 @dataclass(frozen=True)
@@ -51,17 +55,31 @@ class QuantConfig:
     routed_weight: float | None = None
 
     def __post_init__(self) -> None:
-        int4 = self.precision is Precision.INT4
-        if self.propagate is None:
-            object.__setattr__(self, "propagate", int4)
-        if self.routed_weight is None:
-            object.__setattr__(self, "routed_weight", 0.3 if int4 else 0.9)
-        self.validate()
-
-    def validate(self) -> None:
         if not isinstance(self.precision, Precision) or not self.precision.quantized:
             raise UsageError("unknown quantized precision", expected="fp8 | int4",
                              found=repr(self.precision))
+        if self.propagate is None:
+            object.__setattr__(self, "propagate", self.scheme.propagate)
+        if self.routed_weight is None:
+            object.__setattr__(self, "routed_weight", self.scheme.routed_weight)
+        self.validate()
+
+    @property
+    def scheme(self) -> Scheme:
+        """The weight scheme of everything quantized but lm_head."""
+        return scheme_of(self.precision)
+
+    @property
+    def head_scheme(self) -> Scheme:
+        """lm_head's scheme: FLOAT unless --lm-head quantizes it."""
+        return self.lm_head.scheme if isinstance(self.lm_head, LmHead) else FLOAT
+
+    @property
+    def smooths(self) -> bool:
+        """Whether calibration searches AWQ smoothing scales."""
+        return self.scheme.smoothing and self.int4_method is Int4Method.AWQ
+
+    def validate(self) -> None:
         if self.group_size <= 0 or self.group_size % 2:
             raise UsageError("--group-size must be a positive even number", found=str(self.group_size))
         if self.calib_tokens < self.calib_seq_len or self.calib_seq_len < 8:
@@ -73,7 +91,7 @@ class QuantConfig:
         if not isinstance(self.lm_head, LmHead):
             raise UsageError("unknown lm_head quantization", expected="float | int8 | int4",
                              found=repr(self.lm_head))
-        if self.lm_head.quantized and self.precision is not Precision.INT4:
+        if self.lm_head.quantized and not self.scheme.quantized_head:
             raise UsageError(f"--lm-head {self.lm_head.value} is an int4 option",
                              expected=f"--precision int4 with --lm-head {self.lm_head.value}",
                              found=f"--precision {self.precision.value}",
@@ -84,30 +102,9 @@ class QuantConfig:
                              hint="pass a UTF-8 text file with --calib, or omit it for the built-in text")
 
     def check_spec(self, spec: MixtralSpec) -> None:
-        """Refuse (UsageError) an int4 group size that does not divide every reduction size K
-        it groups: the hidden size (q/k/v projections, the experts' w_gate_up), the attention
-        width Nq*D (o_proj) and the intermediate size (the experts' w_down). TensorRT's block
-        quantization divides each blocked dimension by the block size, so a short last group
-        would only fail later, at engine build."""
-        if self.precision is not Precision.INT4:
-            return
-        sizes = {"hidden_size (attention q/k/v, expert w_gate_up)": spec.hidden_size,
-                 "num_heads * head_dim (attention o_proj)": spec.q_size,
-                 "intermediate_size (expert w_down)": spec.intermediate_size}
-        bad = {name: k for name, k in sizes.items() if k % self.group_size}
-        if not bad:
-            return
-        common = math.gcd(*sizes.values())
-        valid = [g for g in range(2, common + 1, 2) if common % g == 0]
-        ks = sorted(set(sizes.values()))
-        raise UsageError(
-            f"--group-size {self.group_size} does not divide the int4 reduction size(s) "
-            + ", ".join(f"{name} = {k}" for name, k in bad.items()),
-            expected=f"an even group size dividing {', '.join(map(str, ks))}",
-            found=f"--group-size {self.group_size}",
-            hint=(f"pass --group-size {' | '.join(map(str, valid))}" if valid else
-                  f"no even group size divides {', '.join(map(str, ks))}: export --precision "
-                  "fp8 instead"))
+        """Refuse (UsageError) a model the scheme cannot quantize with these options (int4: a
+        group size that does not divide every reduction size K), before any work."""
+        self.scheme.check_spec(spec, self)
 
     @classmethod
     def parse(cls, precision: str, **kwargs) -> QuantConfig:

@@ -21,27 +21,16 @@ from collections.abc import Callable
 
 import torch
 
-from mixbuild.contract import DOMAIN, EXPERTS_OP, Precision
-from mixbuild.plugins import formats
+from mixbuild.contract import DOMAIN, EXPERTS_OP
 from mixbuild.quant.calibrate import LayerCalibration
 from mixbuild.quant.config import QuantConfig
 from mixbuild.quant.quantize import QuantStore, SmoothedWeights
+from mixbuild.schemes import Scheme
 
 _LINEAR = re.compile(r"layers\.(\d+)\.attn\.([qkvo])_proj\.weight")
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 LM_HEAD = "lm_head.weight"
 ACT_INPUT = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in"}
-
-
-def _linear_layout(q: torch.Tensor, scale: torch.Tensor, kind: str):
-    """Stored [N, K] -> the MatMul layout [K, N] (int4: re-packed along N; int4 / int8 scales
-    [K/G, N]). kind: fp8 | int4 | int8."""
-    if kind == "fp8":
-        return q.T.contiguous(), scale
-    if kind == "int8":
-        return q.T.contiguous(), scale.T.contiguous()
-    codes = formats.unpack_int4(q).T.contiguous()
-    return formats.pack_int4(codes), scale.T.contiguous()
 
 
 class GraphQuantizer:
@@ -51,17 +40,15 @@ class GraphQuantizer:
         self.spec, self.config, self.calibration = ckpt.spec, config, calibration
         self.act_dtype = act_dtype
         self.weights = SmoothedWeights(ckpt, calibration)
-        self.fp8 = config.precision is Precision.FP8
+        self.scheme = config.scheme
         self.store = store
 
-    def _kind(self, name: str) -> str:
-        """fp8 | int4 | int8: how the linear `name` is quantized."""
-        if name == LM_HEAD:
-            return self.config.lm_head.value
-        return "fp8" if self.fp8 else "int4"
+    def _scheme(self, name: str) -> Scheme:
+        """How the linear `name` is quantized (lm_head: its own scheme)."""
+        return self.config.head_scheme if name == LM_HEAD else self.scheme
 
     def _linear(self, name: str, part: int) -> torch.Tensor:
-        return _linear_layout(*self.store.get(name), self._kind(name))[part]
+        return self._scheme(name).linear_layout(*self.store.get(name))[part]
 
     def _experts(self, name: str, part: int) -> torch.Tensor:
         return self.store.get(name)[part]
@@ -90,7 +77,7 @@ class GraphQuantizer:
         return value
 
     def _act_scale(self, name: str, amax: float):
-        return self._constant(name, torch.tensor(max(amax, 1e-8) / formats.FP8_MAX,
+        return self._constant(name, torch.tensor(self.scheme.activation_scale(amax),
                                                  dtype=self.act_dtype))
 
     def quantize_linears(self) -> int:
@@ -107,7 +94,7 @@ class GraphQuantizer:
             weight_dq = self._weight_dequantize(node, source.name)
             for user in list(node.outputs[0].consumers()):
                 x = user.inputs[0]
-                if self.fp8:   # lm_head is quantized for int4 only (QuantConfig refuses fp8)
+                if self._scheme(source.name).quantizes_activations:   # static scales, W8A8
                     layer, proj = int(match[1]), match[2]
                     amax = self.calibration[layer].amax[ACT_INPUT[proj]]
                     scale = self._act_scale(f"{source.name}.input_scale", amax)
@@ -153,19 +140,12 @@ class GraphQuantizer:
         import onnx_ir as ir
 
         n, k = self.graph.initializers[name].shape
-        kind = self._kind(name)
+        scheme = self._scheme(name)
         weight = self._initializer(f"{name}.quantized", lambda: self._linear(name, 0), [k, n],
-                                   {"fp8": torch.float8_e4m3fn, "int8": torch.int8}.get(kind, "int4"))
-        if kind == "fp8":
-            shape = [n] if self.config.fp8_per_channel else []
-            scale = self._initializer(f"{name}.scale", lambda: self._linear(name, 1), shape,
-                                      self.act_dtype)
-            attrs = {"axis": 1}
-        else:
-            groups = -(-k // self.config.group_size)
-            scale = self._initializer(f"{name}.scale", lambda: self._linear(name, 1),
-                                      [groups, n], self.act_dtype)
-            attrs = {"axis": 0, "block_size": self.config.group_size}
+                                   scheme.linear_weight_type)
+        shape, attrs = scheme.linear_scale(n, k, self.config)
+        scale = self._initializer(f"{name}.scale", lambda: self._linear(name, 1), shape,
+                                  self.act_dtype)
         dq = ir.node("DequantizeLinear", [weight, scale], attrs)
         self.graph.insert_before(anchor, dq)
         return dq
@@ -183,29 +163,25 @@ class GraphQuantizer:
     def _rewire_experts(self, node, layer: int) -> None:
         import onnx_ir as ir
 
-        spec, cfg = self.spec, self.config
+        spec, cfg, scheme = self.spec, self.config, self.scheme
         e, h, i = spec.num_experts, spec.hidden_size, spec.intermediate_size
         new_inputs = []
         for index, (n, k) in ((3, (2 * i, h)), (4, (h, i))):
             name = node.inputs[index].name
-            if self.fp8:
-                weight = self._initializer(f"{name}.quantized", lambda nm=name: self._experts(nm, 0),
-                                           [e, n, k], torch.float8_e4m3fn)
-                scale_shape = [e, n] if cfg.fp8_per_channel else [e]
-            else:  # the packed bytes are those of an ONNX INT4 [E, N, K] tensor
-                weight = self._initializer(f"{name}.quantized", lambda nm=name: self._experts(nm, 0),
-                                           [e, n, k], "int4")
-                scale_shape = [e, n, -(-k // cfg.group_size)]
+            # int4: the packed bytes are those of an ONNX INT4 [E, N, K] tensor
+            weight = self._initializer(f"{name}.quantized", lambda nm=name: self._experts(nm, 0),
+                                       [e, n, k], scheme.expert_weight_type)
+            scale_shape, scale_dtype = scheme.expert_scale(e, n, k, cfg)
             scale = self._initializer(f"{name}.scale", lambda nm=name: self._experts(nm, 1),
-                                      scale_shape, torch.float32 if self.fp8 else torch.float16)
+                                      scale_shape, scale_dtype)
             old = node.inputs[index]
             node.replace_input_with(index, weight)
             del self.graph.initializers[old.name]
             new_inputs.append(scale)
-        if self.fp8:
+        if scheme.quantizes_activations:   # per-expert static scales: the body's act_scale_*
             calib = self.calibration[layer]
-            moe_scale = max(calib.amax["moe_in"], 1e-8) / formats.FP8_MAX
-            down = [max(a, 1e-8) / formats.FP8_MAX for a in calib.down_in_amax]
+            moe_scale = scheme.activation_scale(calib.amax["moe_in"])
+            down = [scheme.activation_scale(a) for a in calib.down_in_amax]
             new_inputs += [self._constant(f"layers.{layer}.moe.act_scale_gate_up",
                                           torch.full((e,), moe_scale)),
                            self._constant(f"layers.{layer}.moe.act_scale_down", torch.tensor(down))]
@@ -213,8 +189,8 @@ class GraphQuantizer:
         node.resize_inputs(base + len(new_inputs))
         for offset, value in enumerate(new_inputs):
             node.replace_input_with(base + offset, value)
-        node.attributes["quantization"] = ir.AttrString("quantization", cfg.precision.value)
-        node.attributes["group_size"] = ir.AttrInt64("group_size", 0 if self.fp8 else cfg.group_size)
+        node.attributes["quantization"] = ir.AttrString("quantization", scheme.moe.value)
+        node.attributes["group_size"] = ir.AttrInt64("group_size", scheme.group_size(cfg))
 
     def attach_float_weights(self) -> None:
         """Every remaining empty initializer (norms, router, embeddings, lm_head), smoothed."""

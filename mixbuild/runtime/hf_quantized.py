@@ -42,6 +42,7 @@ from mixbuild.errors import CheckpointError
 from mixbuild.model.names import tensor_name
 from mixbuild.model.spec import MixtralSpec
 from mixbuild.plugins import formats
+from mixbuild.schemes import Scheme, scheme_of
 
 _HINT = "export the checkpoint again with `mixbuild export ... --format hf`"
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -113,15 +114,6 @@ class _Tensors:
         return self._open[1].get_tensor(name)
 
 
-def _finite_positive(name: str, scale: Tensor) -> Tensor:
-    s = scale.float()
-    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-        raise CheckpointError(f"invalid quantization scale {name}",
-                              expected="finite, positive values",
-                              found=f"min {float(s.min())}, max {float(s.max())}", hint=_HINT)
-    return s
-
-
 class QuantLinear(nn.Module):
     """y = fake_quant_fp8(x, input_scale) @ W.T (fp8) or x @ W.T (int4), W already dequantized
     to float32."""
@@ -178,51 +170,13 @@ class QuantSparseMoE(nn.Module):
         return out.to(x.dtype).view_as(x), router_logits, ids
 
 
-def _dequantize(read: _Tensors, prefix: str, precision: Precision, group: int | None,
-                shape: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
-    """(float32 weight [N, K], fp8 input scale or None) of one quantized linear."""
-    from mixbuild.exporter.hf import unpack_int32
-
-    n, k = shape
-    scale = _finite_positive(prefix + ".weight_scale", read(prefix + ".weight_scale"))
-    if precision is Precision.FP8:
-        q = read(prefix + ".weight")
-        if q.dtype != torch.float8_e4m3fn or tuple(q.shape) != shape:
-            raise CheckpointError(f"{prefix}.weight has the wrong dtype or shape",
-                                  expected=f"float8_e4m3fn {list(shape)}",
-                                  found=f"{q.dtype} {list(q.shape)}", hint=_HINT)
-        if scale.numel() not in (1, n):
-            raise CheckpointError(f"{prefix}.weight_scale has the wrong shape",
-                                  expected=f"[{n}, 1] or [1]", found=str(list(scale.shape)),
-                                  hint=_HINT)
-        w = q.float() * (scale.reshape(n, 1) if scale.numel() == n else scale.reshape(()))
-        act = _finite_positive(prefix + ".input_scale", read(prefix + ".input_scale")).reshape(())
-        return w, act
-    packed = read(prefix + ".weight_packed")
-    stored = tuple(int(v) for v in read(prefix + ".weight_shape").tolist())
-    groups = -(-k // group)
-    if (packed.dtype != torch.int32 or tuple(packed.shape) != (n, k // 8) or stored != shape
-            or tuple(scale.shape) != (n, groups)):
-        raise CheckpointError(f"{prefix}: int4 tensors of the wrong dtype or shape",
-                              expected=f"weight_packed int32 [{n}, {k // 8}], weight_shape "
-                                       f"{list(shape)}, weight_scale [{n}, {groups}]",
-                              found=f"weight_packed {packed.dtype} {list(packed.shape)}, "
-                                    f"weight_shape {list(stored)}, weight_scale "
-                                    f"{list(scale.shape)}", hint=_HINT)
-    codes = unpack_int32(packed, k).float()
-    return codes * scale.repeat_interleave(group, dim=-1)[:, :k], None
-
-
-def _quant_settings(path: Path, manifest: dict) -> tuple[Precision, int | None]:
+def _quant_settings(path: Path, manifest: dict) -> tuple[Scheme, int | None]:
     config = json.loads((path / HF_CONFIG_FILE).read_text())
     qc = config.get("quantization_config")
     if not isinstance(qc, dict):
         raise CheckpointError(f"{path / HF_CONFIG_FILE} has no quantization_config", hint=_HINT)
-    precision = Precision(manifest["precision"])
-    group = None
-    if precision is Precision.INT4:
-        group = qc["config_groups"]["group_0"]["weights"]["group_size"]
-    return precision, group
+    scheme = scheme_of(Precision(manifest["precision"]))
+    return scheme, scheme.hf_group_size(qc)
 
 
 def load_model(path: str | Path, debug: bool = False, verify: bool = True,
@@ -240,7 +194,7 @@ def load_model(path: str | Path, debug: bool = False, verify: bool = True,
     path = Path(path)
     manifest = read_manifest(path, verify)
     spec = MixtralSpec.from_dict(manifest["spec"])
-    precision, group = _quant_settings(path, manifest)
+    scheme, group = _quant_settings(path, manifest)
     read = _Tensors(path)
     with torch.device("meta"):
         model = model_class(layout)(spec, debug=debug)
@@ -257,32 +211,34 @@ def load_model(path: str | Path, debug: bool = False, verify: bool = True,
             for proj in _ATTN:
                 old = getattr(layer.attn, proj)
                 prefix = tensor_name(proj, i).removesuffix(".weight")
-                w, act = _dequantize(read, prefix, precision, group,
-                                     (old.out_features, old.in_features))
+                w, act = scheme.hf_dequantize(read, prefix, (old.out_features, old.in_features),
+                                              group, _HINT)
                 setattr(layer.attn, proj, QuantLinear(w, act))
-            layer.moe = _experts(read, spec, i, precision, group, fp8_expert_inputs)
+            layer.moe = _experts(read, spec, i, scheme, group, fp8_expert_inputs)
     return model.eval()
 
 
-def _experts(read: _Tensors, spec: MixtralSpec, i: int, precision: Precision,
+def _experts(read: _Tensors, spec: MixtralSpec, i: int, scheme: Scheme,
              group: int | None, act_quant: bool = True) -> QuantSparseMoE:
     h, inter = spec.hidden_size, spec.intermediate_size
     gate_up, down, s_in, s_down = [], [], [], []
+
+    def linear(role: str, e: int, shape: tuple[int, int]):
+        prefix = tensor_name(role, i, e).removesuffix(".weight")
+        return scheme.hf_dequantize(read, prefix, shape, group, _HINT)
     for e in range(spec.num_experts):
-        w1, a1 = _dequantize(read, tensor_name("w1", i, e).removesuffix(".weight"), precision,
-                             group, (inter, h))
-        w3, _ = _dequantize(read, tensor_name("w3", i, e).removesuffix(".weight"), precision,
-                            group, (inter, h))
-        w2, a2 = _dequantize(read, tensor_name("w2", i, e).removesuffix(".weight"), precision,
-                             group, (h, inter))
+        w1, a1 = linear("w1", e, (inter, h))
+        w3, _ = linear("w3", e, (inter, h))
+        w2, a2 = linear("w2", e, (h, inter))
         gate_up.append(torch.cat([w1, w3]))
         down.append(w2)
         s_in.append(a1)
         s_down.append(a2)
-    fp8 = precision is Precision.FP8 and act_quant
+    static = scheme.quantizes_activations and act_quant
     return QuantSparseMoE(read(tensor_name("router", i)).float(), torch.stack(gate_up),
                           torch.stack(down), spec.top_k,
-                          torch.stack(s_in) if fp8 else None, torch.stack(s_down) if fp8 else None)
+                          torch.stack(s_in) if static else None,
+                          torch.stack(s_down) if static else None)
 
 
 def load_runner(path: str | Path, debug: bool = False, verify: bool = True,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixbuild.contract import DType, Layout, Precision, is_kv_input
+from mixbuild.contract import DType, Layout, is_kv_input
 from mixbuild.errors import ArtifactError
 from mixbuild.exporter.artifact import Artifact
 
@@ -27,7 +27,7 @@ class OrtRunner:
         its attention as ONNX Runtime's GroupQueryAttention (mixbuild/runtime/ort_attention.py:
         it reads only the valid cache positions); False runs the artifact's graph as it is.
         fast_quantized: run int4 experts as ONNX Runtime's QMoE, fold fp8 weights to float32
-        at load (mixbuild/runtime/ort_quant.py);
+        at load (mixbuild/schemes/ort.py);
         accuracy_level: the int4 kernels' (MatMulNBits, QMoE) activation precision: 1 float32
         (the contract's W4A16, the default), 4 int8 (faster, other numerics). `kernels` records
         what the session runs instead of the artifact's own bodies.
@@ -75,19 +75,14 @@ class OrtRunner:
         (its external data stays in the artifact; new initializers go in as OrtValues)."""
         artifact = self.artifact
         serving = artifact.layout is Layout.SERVING
-        precision = artifact.precision
+        scheme = artifact.scheme
         kernels = {"attention": "artifact", "experts": "artifact"}
         self.fast_attention = 0
-        if precision.quantized:
-            from mixbuild.runtime.ort_quant import session_entries
-
-            for key, value in session_entries(precision, accuracy_level, self._fast_quantized).items():
-                options.add_session_config_entry(key, value)
-            if precision is Precision.INT4:
-                kernels["int4_linears"] = f"MatMulNBits (accuracy_level {accuracy_level})"
-            elif self._fast_quantized:
-                kernels["experts"] = kernels["fp8_linears"] = "float32 weights folded at load"
-        quantized = self._fast_quantized and precision is Precision.INT4
+        entries, chosen = scheme.ort_session(accuracy_level, self._fast_quantized)
+        for key, value in entries.items():
+            options.add_session_config_entry(key, value)
+        kernels.update(chosen)
+        quantized = scheme.ort_rewrites(self._fast_quantized)
         rewrite = self._graph_rewrite
         if not (fast_attention and serving) and not quantized and rewrite is None:
             return str(self.artifact.onnx_path), kernels
@@ -103,13 +98,8 @@ class OrtRunner:
                                                     self.spec.sliding_window)
             kernels["attention"] = f"GroupQueryAttention x{self.fast_attention}"
         if quantized:
-            from mixbuild.runtime.ort_quant import rewrite_int4_experts, rewrite_int8_linears
-
-            act = artifact.dtype.numpy
-            done = rewrite_int4_experts(model, self.artifact.path, act, accuracy_level)
-            head = artifact.lm_head
-            if head == "int8" and self._on_cpu:   # the CPU kernel's problem (ort_quant.py)
-                rewrite_int8_linears(model, self.artifact.path, act, out=done)
+            done, chosen = scheme.ort_rewrite(model, self.artifact.path, artifact.dtype.numpy,
+                                              accuracy_level, artifact.head_scheme, self._on_cpu)
             if done.initializers:
                 import onnxruntime as ort
 
@@ -118,12 +108,7 @@ class OrtRunner:
                 self._arrays = done.initializers       # the OrtValues borrow these buffers
                 options.add_external_initializers(list(self._initializers),
                                                   list(self._initializers.values()))
-            if done.experts:
-                kernels["experts"] = f"QMoE int4 x{done.experts} (accuracy_level {accuracy_level})"
-            if head == "int4":
-                kernels["lm_head"] = f"MatMulNBits int4 (accuracy_level {accuracy_level})"
-            elif done.linears:
-                kernels["lm_head"] = "MatMulNBits int8 (accuracy_level 4: int8 activations)"
+            kernels.update(chosen)
             kernels["notes"] = done.notes
         # the rewritten graph is in memory: its external data stays in the artifact
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",

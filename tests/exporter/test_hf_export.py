@@ -21,11 +21,11 @@ from mixbuild.cli import main
 from mixbuild.contract import HF_INDEX_FILE, HF_MANIFEST_FILE, HF_MODELOPT_CONFIG_FILE
 from mixbuild.errors import CheckpointError
 from mixbuild.exporter.export import export_checkpoint
-from mixbuild.exporter.hf import pack_int32, unpack_int32
 from mixbuild.plugins import formats
 from mixbuild.quant.config import QuantConfig
 from mixbuild.runtime.ort_runner import OrtRunner
 from mixbuild.runtime.runner import prefill_feeds
+from mixbuild.schemes.int4 import pack_int32, unpack_int32
 from tests.conftest import small_quant
 
 ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is in the dev extra")

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from mixbuild.cli import main
 from mixbuild.errors import UsageError
 from mixbuild.exporter.export import export_checkpoint
-from mixbuild.exporter.weights import initializer_array
+from mixbuild.tensors import initializer_array
 from mixbuild.model.checkpoint import Checkpoint
 from mixbuild.plugins import formats
 from mixbuild.quant.config import QuantConfig

@@ -200,8 +200,10 @@ def test_quantized_moe_body_matches_formats_reference():
     from onnx import helper, numpy_helper
 
     from mixbuild.exporter.functions import experts_function
-    from mixbuild.exporter.quant_functions import FP8Weights, Int4Weights
+    from mixbuild.exporter.quant_functions import QuantizedWeights
     from mixbuild.plugins import formats
+    from mixbuild.quant.config import QuantConfig
+    from mixbuild.schemes import FP8, INT4
 
     t, h, i, e, k = 9, 128, 64, 4, 2
     gen = torch.Generator().manual_seed(1)
@@ -226,7 +228,8 @@ def test_quantized_moe_body_matches_formats_reference():
         helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TP.FLOAT, [t, h])],
                           packed + scales),
         opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("mixbuild", 1)],
-        functions=[experts_function(e, Int4Weights(32, h, i))])
+        functions=[experts_function(
+            e, QuantizedWeights(INT4, QuantConfig.parse("int4", group_size=32), h, i))])
     got = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
     assert np.abs(got - expected.numpy()).max() < 1e-4
 
@@ -248,7 +251,7 @@ def test_quantized_moe_body_matches_formats_reference():
     model = helper.make_model(
         helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TP.FLOAT, [t, h])], init),
         opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("mixbuild", 1)],
-        functions=[experts_function(e, FP8Weights(True, h, i))])
+        functions=[experts_function(e, QuantizedWeights(FP8, QuantConfig.parse("fp8"), h, i))])
     session = ort.InferenceSession(model.SerializeToString())
     got = session.run(None, {n: feeds[n] for n in ("x", "w", "ids")})[0]
     expected = formats.experts_reference_quant(x, weights, ids, fq, fdq, scheme="fp8", w_gate_up_scale=fs,

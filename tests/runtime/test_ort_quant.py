@@ -1,4 +1,4 @@
-"""Quantized artifacts on ONNX Runtime's fast kernels (mixbuild/runtime/ort_quant.py): the
+"""Quantized artifacts on ONNX Runtime's fast kernels (mixbuild/schemes/ort.py): the
 session runs QMoE (int4 experts), MatMulNBits at an explicit accuracy level (int4 linears) and
 load-time-folded weights (fp8), computes what the artifact's own bodies compute, and never
 changes the artifact's files."""

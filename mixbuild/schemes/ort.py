@@ -1,7 +1,8 @@
-"""ONNX Runtime's fast kernels for quantized artifacts, chosen when a session is made.
+"""ONNX Runtime's fast kernels for quantized artifacts, chosen when a session is made: the
+graph rewrites the schemes (mixbuild.schemes.fp8 / int4) call from their `ort_*` methods.
 
 A quantized artifact is portable: standard ONNX plus mixbuild's MoE ops, whose function
-bodies define the numerics (mixbuild/exporter/quant_functions.py). ONNX Runtime runs those
+bodies define the numerics (the schemes' `onnx_*` methods). ONNX Runtime runs those
 bodies as written, and the INT4 experts body dequantizes every expert's whole weight tensor
 to float32 on every call: on a ~338M-parameter model an int4 decode step spent 317 of its
 579 ms in DequantizeLinear. This module rewrites a private, in-memory copy of the graph; the
@@ -26,7 +27,7 @@ INT4 experts -> com.microsoft.QMoE (int4, block-wise, ONNX Runtime 1.32 CPU kern
 
 INT4 linears outside the MoE: ONNX Runtime fuses DequantizeLinear(int4, blocked, axis 0) +
 MatMul into MatMulNBits by itself; its accuracy level is a session setting whose default is
-4 (int8 activations). `session_entries` sets it explicitly, to 1 by default (W4A16). An
+4 (int8 activations). The int4 scheme's `ort_session` sets it explicitly, to 1 by default (W4A16). An
 int4 lm_head (`--lm-head int4`) is one more such linear.
 
 INT8 lm_head (`--lm-head int8`) -> MatMulNBits(bits=8, accuracy_level=4), by this module
@@ -54,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from mixbuild.contract import DOMAIN, EXPERTS_OP, GATE_OP
-from mixbuild.exporter.weights import initializer_array
+from mixbuild.tensors import initializer_array
 
 W4A16 = 1          # MatMulNBits / QMoE accuracy_level: float32 activations (contract.ACCURACY_LEVELS)
 MATMULNBITS_LEVEL = "session.qdq_matmulnbits_accuracy_level"
@@ -243,13 +244,3 @@ def _placeholder(name: str, array: np.ndarray):
     tensor.data_location = TensorProto.EXTERNAL
     tensor.external_data.add(key="location", value="in-memory")
     return tensor
-
-
-def session_entries(precision: str, accuracy_level: int = W4A16, fast: bool = True) -> dict[str, str]:
-    """Session config entries for a quantized artifact: the MatMulNBits fusion's accuracy
-    level (int4), the weight folding (fp8, with `fast`)."""
-    if precision == "int4":
-        return {MATMULNBITS_LEVEL: str(int(accuracy_level))}
-    if precision == "fp8" and fast:
-        return {FOLD_DEQUANTIZE: "1"}
-    return {}
