@@ -87,27 +87,25 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
     ops = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in graph.graph.node)
     manifest = artifact.manifest
     return {
-        "kind": "artifact", "path": str(artifact.path), "precision": manifest["precision"],
-        "spec": manifest["spec"], "params": artifact.spec.param_counts(),
-        "inputs": manifest["inputs"], "outputs": manifest["outputs"], "opset": manifest["opset"],
+        "kind": "artifact", "path": str(artifact.path), "precision": manifest.precision.value,
+        "spec": manifest.data["spec"], "params": artifact.spec.param_counts(),
+        "inputs": manifest.inputs, "outputs": manifest.outputs, "opset": manifest.opset,
         "ops": dict(sorted(ops.items())),
         "functions": sorted(f"{f.domain}::{f.name}" for f in graph.functions),
-        "files": manifest["files"], "hashes": "ok",
+        "files": manifest.files, "hashes": "ok",
     }
 
 
 def inspect_hf_quantized(path: str | Path) -> dict[str, Any]:
     """Verify a quantized Hugging Face checkpoint written by `mixbuild export --format hf |
     hf-modelopt` against its manifest (every file's sha256) and describe it."""
-    from mixbuild.model.spec import MixtralSpec
     from mixbuild.runtime.hf_quantized import read_manifest
 
     manifest = read_manifest(path)   # raises on a missing or corrupt file
-    spec = MixtralSpec.from_dict(manifest["spec"])
-    return {"kind": "quantized checkpoint", "path": str(path), "format": manifest["format"],
-            "precision": manifest["precision"], "spec": manifest["spec"],
-            "params": spec.param_counts(), "quantization": manifest["quantization"],
-            "files": manifest["files"], "hashes": "ok"}
+    return {"kind": "quantized checkpoint", "path": str(path), "format": manifest.format,
+            "precision": manifest.precision.value, "spec": manifest.data["spec"],
+            "params": manifest.spec.param_counts(), "quantization": manifest.quantization,
+            "files": manifest.files, "hashes": "ok"}
 
 
 def render_hf_quantized(report: dict[str, Any]) -> None:

@@ -36,20 +36,27 @@ def compare_runners(reference, candidate, input_ids, attention_mask, steps=16, c
 
 
 def write_engine_dir(directory, spec, plan: bytes = b"not a plan", backend: str = "tensorrt",
-                     dtype: str = "float32", **changes):
+                     dtype: str = "float32", layout: str | None = None, **changes):
     """An engine directory whose engine.json has every field mixbuild writes (for `spec`, a
-    float engine of `dtype`, one profile) and whose plan is `plan`, recorded with its sha256:
-    for the runtime's and inspect's manifest checks where no real engine can be built."""
+    float engine of `dtype`, one profile; `layout` "serving" adds the serving layout's I/O and
+    cache capacity, None leaves the field out as older engines did) and whose plan is `plan`,
+    recorded with its sha256: for the runtime's and inspect's manifest checks where no real
+    engine can be built."""
     import hashlib
     import json
     from pathlib import Path
 
-    from mixbuild.contract import ENGINE_FORMAT_VERSION, DType, Precision, io_specs
+    from mixbuild.contract import ENGINE_FORMAT_VERSION, DType, Layout, Precision, io_specs
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "engine.plan").write_bytes(plan)
-    inputs, outputs = io_specs(spec, DType(dtype))
+    inputs, outputs = io_specs(spec, DType(dtype), False, Layout(layout or "concat"))
+    limits = {"max_batch": 1, "max_step_tokens": 16, "max_context": 64}
+    if layout is not None:
+        changes = {"layout": layout, "logits": "last" if layout == "serving" else "all",
+                   "cache_capacity": limits["max_context"] if layout == "serving" else None,
+                   **changes}
     tensor = lambda t: {"name": t.name, "dtype": t.dtype,  # noqa: E731
                         "shape": [d if isinstance(d, int) else -1 for d in t.dims], "dims": list(t.dims)}
     precision = Precision.of_dtype(DType(dtype)).value
@@ -58,7 +65,7 @@ def write_engine_dir(directory, spec, plan: bytes = b"not a plan", backend: str 
         "kind": "engine", "format_version": ENGINE_FORMAT_VERSION, "backend": backend,
         "tensorrt": {"module": module, "version": "10.0.0", "onnx_parser_version": 200},
         "compute_capability": "8.9", "moe": "inline", "precision": precision, "dtype": dtype,
-        "spec": spec.to_dict(), "limits": {"max_batch": 1, "max_step_tokens": 16, "max_context": 64},
+        "spec": spec.to_dict(), "limits": limits,
         "profiles": [{"name": "prefill", "dims": {"batch": [1, 1, 1]},
                       "shapes": {"input_ids": {"min": [1, 1], "opt": [1, 8], "max": [1, 16]}}}],
         "inputs": [tensor(t) for t in inputs], "outputs": [tensor(t) for t in outputs],

@@ -258,6 +258,10 @@ WRONG_TYPES = {
     "quantization": (0, "field 'quantization' has the wrong type", "expected: object or null",
                      "found:    integer 0"),
     "kind": ("engine", "field 'kind' has an unknown value", "expected: artifact", 'found:    "engine"'),
+    "layout": ("paged", "field 'layout' has an unknown value", "expected: concat | serving",
+               'found:    "paged"'),
+    "logits": ("some", "field 'logits' has an unknown value", "expected: all | last",
+               'found:    "some"'),
     "format_version": (True, "unsupported manifest format", "expected: format_version 1",
                        "found:    True"),
 }
@@ -383,6 +387,8 @@ ENGINE_WRONG = {
     "build.wall_s": (_set((["build", "wall_s"], "2 s")), "field 'build.wall_s' has the wrong type"),
     "plugin_registration": (_set((["plugin_registration"], None)),
                             "field 'plugin_registration' does not match"),
+    "layout": (_set((["layout"], "paged")), "field 'layout' has an unknown value"),
+    "logits of a concat engine": (_set((["logits"], "last")), "field 'logits' does not match"),
     "not an object": (lambda m: Replace("engine"), "corrupt engine manifest"),
 }
 

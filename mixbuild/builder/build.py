@@ -86,7 +86,7 @@ def preflight(artifact_dir: str | Path, out: Path, options: BuildOptions,
     options.limits.validate(artifact.spec.max_position_embeddings)
     adapter = Adapter.load(options.backend)
     target = checks.resolve_target(adapter, options.compute_capability)
-    checks.check_precision(adapter, artifact.manifest, target)
+    checks.check_precision(adapter, artifact, target)
     model = graph.load_graph(artifact.onnx_path)
     inputs, outputs = profiles.input_dims(model), _output_dims(model)
     serving = artifact.layout is Layout.SERVING
@@ -225,13 +225,14 @@ def engine_manifest(pre: Preflight, options: BuildOptions, result: dict) -> dict
     from mixbuild.contract import MANIFEST_FILE, PLAN_FILE
     from mixbuild.exporter.manifest import sha256_file
 
-    adapter, artifact, manifest = pre.adapter, pre.artifact, pre.artifact.manifest
+    adapter, artifact = pre.adapter, pre.artifact
+    recorded = {"precision": artifact.precision.value, "dtype": artifact.dtype.value}
     return {
         "backend": adapter.backend.value,
         "tensorrt": {"module": adapter.backend.module,
                      "version": adapter.version, "onnx_parser_version": adapter.parser_version},
         "compute_capability": str(pre.target), "moe": options.moe.value,
-        "precision": manifest["precision"], "dtype": manifest["dtype"], "spec": manifest["spec"],
+        **recorded, "spec": artifact.manifest.data["spec"],
         "limits": vars(options.limits), "profiles": pre.profiles,
         "layout": artifact.layout.value,
         "logits": "all" if artifact.all_logits else "last",
@@ -250,8 +251,8 @@ def engine_manifest(pre: Preflight, options: BuildOptions, result: dict) -> dict
                     "timing_cache": _timing_cache_report(adapter, options, result)},
         "source": {"artifact": str(artifact.path.resolve()),
                    "manifest_sha256": sha256_file(artifact.path / MANIFEST_FILE),
-                   "precision": manifest["precision"], "dtype": manifest["dtype"],
-                   "producer": manifest.get("producer", {}).get("version")},
+                   **recorded,
+                   "producer": artifact.manifest.data.get("producer", {}).get("version")},
         "plan": {"file": PLAN_FILE, "sha256": result["plan_sha256"], "bytes": result["plan_bytes"]},
         "build": {"wall_s": result["wall_s"], "parse_s": result["parse_s"],
                   "build_s": result["build_s"], "mixbuild": __version__,

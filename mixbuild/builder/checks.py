@@ -9,23 +9,14 @@ from __future__ import annotations
 
 from mixbuild.builder.adapter import Adapter
 from mixbuild.builder.options import ComputeCapability, MoEMode
-from mixbuild.contract import EngineBackend
+from mixbuild.contract import DType, EngineBackend
 from mixbuild.errors import UsageError
+from mixbuild.exporter.artifact import Artifact
 
-# The lowest compute capability that runs a data type, keyed by artifact precision / dtype.
+# The lowest compute capability that runs a float dtype (the quantized schemes carry their own
+# floors: Scheme.trt_min_sm, trt_min_version).
 MIN_COMPUTE_CAPABILITY = {
-    "fp8": (ComputeCapability(8, 9), "FP8 (E4M3) needs Ada (8.9), Hopper (9.0) or newer"),
-    "int4": (ComputeCapability(8, 0), "INT4 weights need Ampere (8.0) or newer"),
-    "bf16": (ComputeCapability(8, 0), "BF16 needs Ampere (8.0) or newer"),
-    "bfloat16": (ComputeCapability(8, 0), "BF16 needs Ampere (8.0) or newer"),
-}
-
-# The first version of each backend whose ONNX parser imports the artifact's Q/DQ form.
-MIN_VERSION = {
-    (EngineBackend.TENSORRT, "fp8"): ((10, 0), "FP8 QuantizeLinear/DequantizeLinear"),
-    (EngineBackend.TENSORRT, "int4"): ((10, 0), "INT4 blocked DequantizeLinear"),
-    (EngineBackend.TENSORRT_RTX, "fp8"): ((1, 0), "FP8 QuantizeLinear/DequantizeLinear"),
-    (EngineBackend.TENSORRT_RTX, "int4"): ((1, 0), "INT4 blocked DequantizeLinear"),
+    DType.BF16: (ComputeCapability(8, 0), "BF16 needs Ampere (8.0) or newer"),
 }
 
 
@@ -58,19 +49,22 @@ def resolve_target(adapter: Adapter, requested: ComputeCapability | None) -> Com
     return requested
 
 
-def check_precision(adapter: Adapter, manifest: dict, cc: ComputeCapability) -> None:
+def check_precision(adapter: Adapter, artifact: Artifact, cc: ComputeCapability) -> None:
     """The artifact's data types against the target and the backend version."""
-    for key in (manifest.get("precision"), manifest.get("dtype")):
-        floor = MIN_COMPUTE_CAPABILITY.get(key)
-        if floor and cc < floor[0]:
-            raise UsageError(f"the {manifest['precision']} artifact cannot run on compute "
+    scheme = artifact.scheme
+    floors = [MIN_COMPUTE_CAPABILITY.get(artifact.dtype)]
+    if scheme.trt_min_sm:
+        floors.insert(0, (ComputeCapability(*scheme.trt_min_sm), scheme.trt_min_sm_why))
+    for floor in filter(None, floors):
+        if cc < floor[0]:
+            raise UsageError(f"the {artifact.precision.value} artifact cannot run on compute "
                              f"capability {cc}: {floor[1]}", expected=f">= {floor[0]}",
                              found=str(cc), hint="choose a newer --compute-capability, or export "
                                                  "the model in a precision this GPU supports")
-    needed = MIN_VERSION.get((adapter.backend, manifest.get("precision")))
-    if needed and _version(adapter.version) < needed[0]:
-        raise UsageError(f"{adapter.backend.label} {adapter.version} cannot import {needed[1]}",
-                         expected=f"{adapter.backend.label} >= {'.'.join(map(str, needed[0]))}",
+    needed = scheme.trt_min_version.get(adapter.backend.value)
+    if needed and _version(adapter.version) < needed:
+        raise UsageError(f"{adapter.backend.label} {adapter.version} cannot import {scheme.trt_ops}",
+                         expected=f"{adapter.backend.label} >= {'.'.join(map(str, needed))}",
                          hint=f"pip install -U 'mixbuild[{adapter.backend.extra}]'")
 
 

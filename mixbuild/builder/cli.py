@@ -3,7 +3,6 @@ mixbuild/cli.py, which only forwards its options here)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 BACKENDS = ("tensorrt-rtx", "tensorrt")
@@ -17,7 +16,7 @@ def engine_command(artifact: str, out: str, backend: str = "tensorrt-rtx",
                    progress: bool = True, echo=print) -> Path:
     """Build the engine and print one summary line; MixbuildError propagates to the CLI."""
     from mixbuild.builder.build import build_engine
-    from mixbuild.contract import ENGINE_MANIFEST_FILE
+    from mixbuild.builder.manifest import read_engine_manifest
     from mixbuild.progress import human_bytes
 
     path = build_engine(artifact, out, backend=backend, compute_capability=compute_capability,
@@ -25,13 +24,13 @@ def engine_command(artifact: str, out: str, backend: str = "tensorrt-rtx",
                         max_context=max_context,
                         opt_level=opt_level, timing_cache=timing_cache, overwrite=overwrite,
                         progress=progress)
-    manifest = json.loads((path / ENGINE_MANIFEST_FILE).read_text())
-    plugins = ", ".join(f"{p['name']} x{p['layers']}" for p in manifest["plugins"]) or "none"
-    echo(f"built {path} ({manifest['backend']} {manifest['tensorrt']['version']}, "
-         f"SM {manifest['compute_capability']}, {manifest['precision']}, --moe {manifest['moe']}, "
-         f"plugins: {plugins}; plan {human_bytes(manifest['plan']['bytes'])}) in "
-         f"{manifest['build']['wall_s']:.1f} s")
-    cache = manifest["builder"]["timing_cache"]
+    manifest = read_engine_manifest(path)
+    plugins = ", ".join(f"{p['name']} x{p['layers']}" for p in manifest.plugins) or "none"
+    echo(f"built {path} ({manifest.backend.value} {manifest.version}, "
+         f"SM {manifest.compute_capability}, {manifest.precision.value}, --moe {manifest.moe}, "
+         f"plugins: {plugins}; plan {human_bytes(manifest.plan_bytes)}) in "
+         f"{manifest.wall_s:.1f} s")
+    cache = manifest.timing_cache
     if cache and not cache["used"]:
         echo(f"note: --timing-cache ignored: {cache['reason']}")
     return path

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mixbuild.builder.manifest import read_engine_manifest, verify_plan
+from mixbuild.builder.manifest import EngineManifest, read_engine_manifest, verify_plan
 from mixbuild.contract import MOE_OPS, PLUGIN_NAMESPACE
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,18 +27,17 @@ def inspect_engine(path: str | Path) -> dict[str, Any]:
     directory = Path(path)
     manifest = read_engine_manifest(directory)
     plan = verify_plan(directory, manifest)
-    recorded = manifest["plan"]
     items, source, note = _layers(manifest, plan)
     items = [{**item, "moe_plugin": is_moe_plugin(item)} for item in items]
+    data = manifest.data   # reported as written
     return {
-        "kind": "engine", "path": str(directory), "backend": manifest["backend"],
-        "version": manifest["tensorrt"]["version"],
-        "compute_capability": manifest["compute_capability"], "moe": manifest["moe"],
-        "precision": manifest["precision"], "dtype": manifest["dtype"],
-        "plan": {**recorded, "verified": True}, "source": manifest["source"],
-        "inputs": manifest["inputs"], "outputs": manifest["outputs"],
-        "limits": manifest["limits"], "profiles": manifest["profiles"],
-        "plugins": manifest["plugins"], "builder": manifest["builder"], "build": manifest["build"],
+        "kind": "engine", "path": str(directory), "backend": manifest.backend.value,
+        "version": manifest.version, "compute_capability": manifest.compute_capability,
+        "moe": manifest.moe, "precision": manifest.precision.value, "dtype": manifest.dtype.value,
+        "plan": {**data["plan"], "verified": True}, "source": data["source"],
+        "inputs": manifest.inputs, "outputs": manifest.outputs,
+        "limits": manifest.limits, "profiles": manifest.profiles,
+        "plugins": manifest.plugins, "builder": data["builder"], "build": data["build"],
         "layers": {"source": source, "note": note, "count": len(items),
                    "moe_plugin_layers": sum(item["moe_plugin"] for item in items),
                    "types": dict(Counter(item["type"] for item in items).most_common()),
@@ -54,8 +53,8 @@ def is_moe_plugin(layer: dict) -> bool:
                                                              for op in MOE_OPS)
 
 
-def _layers(manifest: dict, plan: Path) -> tuple[list[dict], str, str]:
-    recorded = manifest["layers"]["items"]
+def _layers(manifest: EngineManifest, plan: Path) -> tuple[list[dict], str, str]:
+    recorded = manifest.layers
     try:
         items = _inspector_layers(manifest, plan)
     except _Unavailable as why:
@@ -67,27 +66,27 @@ class _Unavailable(Exception):
     """Why the plan cannot be deserialized on this machine."""
 
 
-def _inspector_layers(manifest: dict, plan: Path) -> list[dict]:
+def _inspector_layers(manifest: EngineManifest, plan: Path) -> list[dict]:
     import importlib
 
     from mixbuild.builder.adapter import local_compute_capability
     from mixbuild.builder.options import ComputeCapability
 
-    module = manifest["tensorrt"]["module"]
+    module = manifest.module
     try:
         trt = importlib.import_module(module)
     except ImportError as exc:
         raise _Unavailable(f"{module} is not installed here; layers as captured at build time") from exc
     local = local_compute_capability()
-    wanted = ComputeCapability.parse(manifest["compute_capability"])
+    wanted = ComputeCapability.parse(manifest.compute_capability)
     if local != wanted:
         raise _Unavailable(f"the plan targets compute capability {wanted} and this machine has "
                            f"{'no CUDA GPU' if local is None else local}; layers as captured at "
                            "build time (the network TensorRT built)")
-    if manifest["moe"] == "plugin":
+    if manifest.plugin_registration:
         from mixbuild.plugins.trt_plugins import register_plugins
 
-        register_plugins(manifest["backend"])
+        register_plugins(manifest.backend)
     runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
     engine = runtime.deserialize_cuda_engine(plan.read_bytes())
     if engine is None:

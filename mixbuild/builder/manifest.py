@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,44 @@ from mixbuild.contract import (
     Precision,
 )
 from mixbuild.errors import ArtifactError, UsageError
-from mixbuild.exporter.manifest import field, mismatch
+from mixbuild.exporter.manifest import field, mismatch, recorded_layout, spec_of
 from mixbuild.jsonfile import json_type, read_json_object
+from mixbuild.model.spec import MixtralSpec
+from mixbuild.schemes import Scheme, scheme_of
+
+
+@dataclass(frozen=True)
+class EngineManifest:
+    """engine.json, parsed and checked once (`read_engine_manifest`): its fields as their
+    types. `data` is the JSON object as written, for reports; code reads the attributes."""
+
+    data: dict[str, Any]
+    backend: EngineBackend
+    module: str                   # the TensorRT Python module that built it
+    version: str
+    compute_capability: str
+    moe: str                      # "plugin" | "inline"
+    precision: Precision
+    dtype: DType
+    spec: MixtralSpec
+    layout: Layout
+    all_logits: bool
+    cache_capacity: int | None    # the serving layout's fixed cache positions
+    limits: dict[str, int]        # max_batch, max_step_tokens, max_context
+    profiles: list[dict[str, Any]]
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    plugins: list[dict[str, Any]]
+    plugin_registration: str | None
+    layers: list[dict[str, Any]]  # as captured at build time
+    timing_cache: dict[str, Any] | None
+    plan_bytes: int
+    plan_sha256: str
+    wall_s: float
+
+    @property
+    def scheme(self) -> Scheme:
+        return scheme_of(self.precision)
 
 
 def plugin_summary(layers: list[dict]) -> list[dict]:
@@ -52,7 +89,7 @@ def write_engine_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     (directory / ENGINE_MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
-def read_engine_manifest(directory: str | Path) -> dict[str, Any]:
+def read_engine_manifest(directory: str | Path) -> EngineManifest:
     """engine.json, checked: format, every field with its type, the I/O against the contract
     for the recorded spec, and precision / dtype / spec against the source artifact's manifest
     when that artifact is still there, unchanged (ArtifactError naming the field otherwise).
@@ -72,20 +109,19 @@ def read_engine_manifest(directory: str | Path) -> dict[str, Any]:
                             expected=f"kind '{ENGINE_KIND}', format_version {ENGINE_FORMAT_VERSION}",
                             found=f"kind {manifest.get('kind')!r}, "
                                   f"format_version {manifest.get('format_version')!r}")
-    check_engine_manifest(manifest, path)
-    return manifest
+    return check_engine_manifest(manifest, path)
 
 
-def verify_plan(directory: str | Path, manifest: dict[str, Any]) -> Path:
+def verify_plan(directory: str | Path, manifest: EngineManifest) -> Path:
     """engine.plan has the size and sha256 engine.json records (checked before anything
     deserializes it); returns its path."""
     from mixbuild.exporter.manifest import sha256_file
 
     plan = Path(directory) / PLAN_FILE
-    recorded = manifest["plan"]
-    if plan.stat().st_size != recorded["bytes"] or sha256_file(plan) != recorded["sha256"]:
+    if plan.stat().st_size != manifest.plan_bytes or sha256_file(plan) != manifest.plan_sha256:
         raise ArtifactError(f"engine plan is corrupt (size or sha256 differs from engine.json): {plan}",
-                            expected=f"{recorded['bytes']} bytes, sha256 {recorded['sha256'][:16]}...",
+                            expected=f"{manifest.plan_bytes} bytes, sha256 "
+                                     f"{manifest.plan_sha256[:16]}...",
                             found=f"{plan.stat().st_size} bytes",
                             hint="build the engine again")
     return plan
@@ -94,11 +130,10 @@ def verify_plan(directory: str | Path, manifest: dict[str, Any]) -> Path:
 _HINT = "engine.json was edited or damaged; build the engine again"
 
 
-def check_engine_manifest(manifest: dict[str, Any], path: Path) -> None:
+def check_engine_manifest(manifest: dict[str, Any], path: Path) -> EngineManifest:
     """Every field `write_engine_manifest` writes, with its type, and the fields that can be
     checked without TensorRT consistent with each other and with the source artifact."""
     from mixbuild.builder.options import ComputeCapability
-    from mixbuild.exporter.artifact import spec_of
 
     def need(obj, key, kind, where="", **kw):
         return field(obj, key, kind, path, where, hint=_HINT, **kw)
@@ -106,10 +141,11 @@ def check_engine_manifest(manifest: dict[str, Any], path: Path) -> None:
     backend = EngineBackend(need(manifest, "backend", "string",
                                  choices=tuple(b.value for b in EngineBackend)))
     trt = need(manifest, "tensorrt", "object")
-    need(trt, "module", "string", "tensorrt", choices=(backend.module,))
-    need(trt, "version", "string", "tensorrt")
+    module = need(trt, "module", "string", "tensorrt", choices=(backend.module,))
+    version = need(trt, "version", "string", "tensorrt")
+    cc = need(manifest, "compute_capability", "string")
     try:
-        ComputeCapability.parse(need(manifest, "compute_capability", "string"))
+        ComputeCapability.parse(cc)
     except UsageError as exc:
         raise ArtifactError(f"{path}: field 'compute_capability': {exc.what}", expected=exc.expected,
                             found=exc.found, hint=_HINT) from None
@@ -149,7 +185,14 @@ def check_engine_manifest(manifest: dict[str, Any], path: Path) -> None:
             need(entry, "shape", "array", where)
             need(entry, "dims", "array", where)
             debug = debug or entry["name"].startswith("debug.")
-    _check_io(manifest, path, spec, dtype, debug, *_layout(manifest, path))
+    layout, all_logits = recorded_layout(manifest, path, _HINT)
+    _check_io(manifest, path, spec, dtype, debug, layout, all_logits)
+    capacity = manifest.get("cache_capacity")
+    if layout is Layout.SERVING:
+        capacity = need(manifest, "cache_capacity", "integer")
+        if capacity <= 0:
+            raise mismatch(path, "cache_capacity", "the serving cache's positions, a positive "
+                           "integer", capacity, hint=_HINT)
     for index, plugin in enumerate(need(manifest, "plugins", "array")):
         _object(plugin, f"plugins[{index}]", path)
         for key in ("name", "namespace", "version"):
@@ -162,7 +205,8 @@ def check_engine_manifest(manifest: dict[str, Any], path: Path) -> None:
                        hint=_HINT)
     layers = need(manifest, "layers", "object")
     need(layers, "source", "string", "layers")
-    for index, item in enumerate(need(layers, "items", "array", "layers")):
+    items = need(layers, "items", "array", "layers")
+    for index, item in enumerate(items):
         _object(item, f"layers.items[{index}]", path)
         need(item, "name", "string", f"layers.items[{index}]")
         need(item, "type", "string", f"layers.items[{index}]")
@@ -170,7 +214,7 @@ def check_engine_manifest(manifest: dict[str, Any], path: Path) -> None:
             need(item, "plugin", "object", f"layers.items[{index}]", null=True)
     builder = need(manifest, "builder", "object")
     need(builder, "optimization_level", "integer", "builder")
-    need(builder, "timing_cache", "object", "builder", null=True)
+    timing_cache = need(builder, "timing_cache", "object", "builder", null=True)
     source = need(manifest, "source", "object")
     need(source, "artifact", "string", "source")
     need(source, "manifest_sha256", "string", "source")
@@ -187,6 +231,13 @@ def check_engine_manifest(manifest: dict[str, Any], path: Path) -> None:
     for key in ("wall_s", "parse_s", "build_s"):
         need(build, key, "number", "build")
     _check_source(manifest, path)
+    return EngineManifest(
+        data=manifest, backend=backend, module=module, version=version, compute_capability=cc,
+        moe=moe, precision=precision, dtype=dtype, spec=spec, layout=layout,
+        all_logits=all_logits, cache_capacity=capacity, limits=limits, profiles=profiles,
+        inputs=manifest["inputs"], outputs=manifest["outputs"], plugins=manifest["plugins"],
+        plugin_registration=registration, layers=items, timing_cache=timing_cache,
+        plan_bytes=plan["bytes"], plan_sha256=digest, wall_s=float(build["wall_s"]))
 
 
 def _object(value: Any, where: str, path: Path) -> None:
@@ -201,20 +252,6 @@ def _ints(value: Any, where: str, path: Path, length: int | None = None) -> None
         raise ArtifactError(f"{path}: field '{where}' has the wrong type",
                             expected=f"an array of {length or ''} integers".replace("  ", " "),
                             found=json.dumps(value)[:80], hint=_HINT)
-
-
-def _layout(manifest: dict, path: Path) -> tuple[Layout, bool]:
-    """The engine's KV-cache layout and whether it returns every position's logits (engines
-    built before these fields: concat, last)."""
-    layout, logits = manifest.get("layout", Layout.CONCAT.value), manifest.get("logits", "last")
-    if layout not in {m.value for m in Layout}:
-        raise ArtifactError(f"{path}: field 'layout' has the wrong value",
-                            expected=" | ".join(m.value for m in Layout), found=json.dumps(layout)[:80],
-                            hint=_HINT)
-    if logits not in ("last", "all"):
-        raise ArtifactError(f"{path}: field 'logits' has the wrong value", expected="last | all",
-                            found=json.dumps(logits)[:80], hint=_HINT)
-    return Layout(layout), logits == "all"
 
 
 def _check_io(manifest: dict, path: Path, spec, dtype: DType, debug: bool, layout: Layout,

@@ -37,14 +37,13 @@ from mixbuild.contract import (
     MANIFEST_FILE,
     ONNX_FILE,
     DType,
-    Layout,
     Precision,
     TensorSpec,
     io_specs,
     is_kv_input,
 )
 from mixbuild.errors import ArtifactError
-from mixbuild.exporter.manifest import mismatch
+from mixbuild.exporter.manifest import ArtifactManifest, mismatch
 from mixbuild.model.spec import MixtralSpec
 from mixbuild.schemes import Scheme, scheme_of
 
@@ -124,17 +123,7 @@ def graph_precision(facts: GraphFacts, dtype: DType) -> Precision:
     return Precision.of_dtype(dtype)
 
 
-def _layout(manifest: dict[str, Any], refuse) -> Layout:
-    """The manifest's KV-cache layout (absent: concat, what every earlier artifact has); the
-    io check below then holds it against the graph's inputs."""
-    value = manifest.get("layout", Layout.CONCAT.value)
-    try:
-        return Layout(value)
-    except ValueError as exc:
-        raise refuse("layout", " | ".join(m.value for m in Layout), value) from exc
-
-
-def check_graph(directory: Path, manifest: dict[str, Any], spec: MixtralSpec,
+def check_graph(directory: Path, manifest: ArtifactManifest,
                 facts: GraphFacts | None = None) -> None:
     """Refuse (ArtifactError naming the field) a manifest that contradicts model.onnx."""
     directory = Path(directory)
@@ -144,13 +133,13 @@ def check_graph(directory: Path, manifest: dict[str, Any], spec: MixtralSpec,
     def refuse(name: str, expected: str, found: Any) -> ArtifactError:
         return mismatch(path, name, expected, found, hint=_HINT)
 
+    spec, dtype = manifest.spec, manifest.dtype
     layers = len(facts.gates)
     if layers != spec.num_layers or len(facts.experts) != spec.num_layers:
         raise refuse("spec.num_layers", f"{layers} (model.onnx has {layers} {GATE_OP} and "
                      f"{len(facts.experts)} {EXPERTS_OP} nodes, one of each per layer)",
                      spec.num_layers)
     kv = [t for t in facts.inputs if is_kv_input(t.name)]
-    dtype = DType(manifest["dtype"])
     if kv and kv[0].dtype != dtype.value:
         raise refuse("dtype", f"{kv[0].dtype} (the element type of model.onnx's {kv[0].name})",
                      dtype.value)
@@ -159,14 +148,14 @@ def check_graph(directory: Path, manifest: dict[str, Any], spec: MixtralSpec,
             if kv[0].dims[axis] != getattr(spec, name):
                 raise refuse(f"spec.{name}", f"{kv[0].dims[axis]} (dim {axis} of model.onnx's "
                              f"{kv[0].name}, {list(kv[0].dims)})", getattr(spec, name))
-    precision, found = graph_precision(facts, dtype), Precision(manifest["precision"])
+    precision, found = graph_precision(facts, dtype), manifest.precision
     if precision is not found:
         held = (", ".join(sorted(t for t in facts.initializer_types if t in ("FLOAT8E4M3FN", "INT4")))
                 or "no FLOAT8E4M3FN or INT4")
         raise refuse("precision", f"{precision.value} (model.onnx has {held} initializers and "
                      f"{facts.quantize_nodes} QuantizeLinear nodes)", found.value)
     scheme = scheme_of(precision)
-    group = _check_quantization(refuse, manifest["quantization"], precision, scheme)
+    group = _check_quantization(refuse, manifest.quantization, precision, scheme)
     for layer, (gate, experts) in enumerate(zip(facts.gates, facts.experts)):
         if gate.get("top_k") != spec.top_k:
             raise refuse("spec.top_k", f"{gate.get('top_k')} (the top_k attribute of model.onnx's "
@@ -186,25 +175,21 @@ def check_graph(directory: Path, manifest: dict[str, Any], spec: MixtralSpec,
         raise refuse("spec.vocab_size", f"{logits.dims[-1]} (the last dim of model.onnx's "
                      f"{LOGITS} output)", spec.vocab_size)
     debug = any(t.name.startswith("debug.") for t in facts.outputs)
-    if debug != manifest["debug_outputs"]:
+    if debug != manifest.debug_outputs:
         raise refuse("debug_outputs", f"{str(debug).lower()} (model.onnx "
-                     f"{'has' if debug else 'has no'} debug.* outputs)", manifest["debug_outputs"])
-    layout = _layout(manifest, refuse)
-    logits = manifest.get("logits", "all")
-    if logits not in ("all", "last") or (layout is Layout.CONCAT and logits != "all"):
-        raise refuse("logits", "'all' or, for the serving layout, 'last'", logits)
-    all_logits = layout is Layout.SERVING and logits == "all"
-    inputs, outputs = io_specs(spec, dtype, debug, layout, all_logits)
-    for key, wanted, graph in (("inputs", inputs, facts.inputs), ("outputs", outputs, facts.outputs)):
-        _check_io(refuse, key, wanted, manifest[key], graph)
-    for domain, version in manifest["opset"].items():
+                     f"{'has' if debug else 'has no'} debug.* outputs)", manifest.debug_outputs)
+    inputs, outputs = io_specs(spec, dtype, debug, manifest.layout, manifest.all_logits)
+    for key, wanted, held, graph in (("inputs", inputs, manifest.inputs, facts.inputs),
+                                     ("outputs", outputs, manifest.outputs, facts.outputs)):
+        _check_io(refuse, key, wanted, held, graph)
+    for domain, version in manifest.opset.items():
         if facts.opset.get(domain) != version:
             raise refuse(f"opset.{domain or 'ai.onnx'}", f"{facts.opset.get(domain)} (model.onnx's "
                          f"opset import of domain '{domain}')", version)
-    unlisted = sorted(facts.external_files - set(manifest["files"]))
+    unlisted = sorted(facts.external_files - set(manifest.files))
     if unlisted:
         raise refuse("files", f"every file model.onnx reads listed with its sha256 (it reads "
-                     f"{', '.join(unlisted)})", sorted(manifest["files"]))
+                     f"{', '.join(unlisted)})", sorted(manifest.files))
 
 
 def _check_quantization(refuse, quant: dict | None, precision: Precision, scheme: Scheme) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,13 @@ from mixbuild.contract import (
     MANIFEST_FILE,
     ONNX_FILE,
     DType,
+    Layout,
     Precision,
 )
-from mixbuild.errors import ArtifactError
+from mixbuild.errors import ArtifactError, ConfigError
 from mixbuild.jsonfile import json_type, read_json_object
+from mixbuild.model.spec import MixtralSpec
+from mixbuild.schemes import Scheme, scheme_named, scheme_of
 
 _CHUNK = 16 * 1024 * 1024
 
@@ -42,9 +46,70 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ArtifactManifest:
+    """mixbuild.json, parsed and checked once (`read_manifest`): its fields as their types.
+    `data` is the JSON object as written, for reports; code reads the attributes. The values
+    are checked against each other and against the graph by mixbuild.exporter.consistency
+    when the artifact is opened."""
+
+    data: dict[str, Any]
+    spec: MixtralSpec
+    precision: Precision
+    dtype: DType
+    layout: Layout
+    all_logits: bool            # the graph returns every position's logits (concat: always)
+    debug_outputs: bool
+    opset: dict[str, int]
+    files: dict[str, dict[str, Any]]
+    quantization: dict[str, Any] | None
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+
+    @property
+    def scheme(self) -> Scheme:
+        """The weight scheme of the quantized linears and experts (FLOAT: none)."""
+        return scheme_of(self.precision)
+
+    @property
+    def head_scheme(self) -> Scheme:
+        """How lm_head is stored: FLOAT (the graph's float type), INT8 or INT4."""
+        return scheme_named((self.quantization or {}).get("lm_head", "float"))
+
+    @property
+    def group_size(self) -> int | None:
+        """A grouped scheme's group size along K (None: not grouped)."""
+        return self.quantization["group_size"] if self.scheme.grouped else None
+
+
+def spec_of(data: Any, source: Path, hint: str = "export the artifact again") -> MixtralSpec:
+    """The `spec` of a manifest (artifact or engine): ArtifactError naming the file and field."""
+    try:
+        return MixtralSpec.from_dict(data, source=f"{source}: spec")
+    except ConfigError as exc:
+        # the ConfigError's message is all of it: no second "cause" line
+        raise ArtifactError(exc.what, expected=exc.expected, found=exc.found, hint=hint) from None
+
+
+def recorded_layout(manifest: dict[str, Any], path: Path, hint: str) -> tuple[Layout, bool]:
+    """(KV-cache layout, every position's logits) as mixbuild.json or engine.json records them:
+    "layout" (absent: concat, what manifests older than the serving layout mean) and "logits"
+    ("all" | "last"; absent: a concat graph's "all", a serving graph's "last"; a concat graph
+    always returns all)."""
+    layout = Layout(field(manifest, "layout", "string", path, choices=tuple(m.value for m in Layout),
+                          hint=hint) if "layout" in manifest else Layout.CONCAT.value)
+    default = "all" if layout is Layout.CONCAT else "last"
+    logits = (field(manifest, "logits", "string", path, choices=("all", "last"), hint=hint)
+              if "logits" in manifest else default)
+    if layout is Layout.CONCAT and logits != "all":
+        raise mismatch(path, "logits", "'all' (a concat-layout graph returns every position's "
+                       "logits) or, for the serving layout, 'last'", logits, hint=hint)
+    return layout, logits == "all"
+
+
+def read_manifest(directory: Path) -> ArtifactManifest:
     """mixbuild.json, its format version and every field the contract lists with its type
-    (ArtifactError naming the field otherwise)."""
+    (ArtifactError naming the field otherwise), as an ArtifactManifest."""
     path = Path(directory) / MANIFEST_FILE
     if not Path(directory).is_dir():
         raise ArtifactError(f"artifact directory not found: {directory}")
@@ -57,8 +122,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path}: unsupported manifest format",
                             expected=f"format_version {ARTIFACT_FORMAT_VERSION}",
                             found=repr(version))
-    check_manifest(manifest, path)
-    return manifest
+    return check_manifest(manifest, path)
 
 
 # ------------------------------------------------------------------------- field checks
@@ -100,10 +164,10 @@ def mismatch(path: Path, name: str, expected: str, found: Any, hint: str = _HINT
                          found=_short(found), hint=hint)
 
 
-def check_manifest(manifest: dict[str, Any], path: Path) -> None:
-    """Every field of mixbuild.json present with its type (docs/contract.md), and the file
-    names are plain file names. The spec itself is checked by MixtralSpec.from_dict, the values
-    against each other and against the graph by mixbuild.exporter.consistency."""
+def check_manifest(manifest: dict[str, Any], path: Path) -> ArtifactManifest:
+    """Every field of mixbuild.json present with its type (docs/contract.md), the file names
+    plain file names and the spec valid (MixtralSpec.from_dict); the values are checked against
+    each other and against the graph by mixbuild.exporter.consistency."""
     field(manifest, "kind", "string", path, choices=(ARTIFACT_KIND,))
     for key in ("producer", "spec", "opset", "source", "files"):
         field(manifest, key, "object", path)
@@ -139,12 +203,18 @@ def check_manifest(manifest: dict[str, Any], path: Path) -> None:
     if ONNX_FILE not in manifest["files"]:
         raise ArtifactError(f"{path}: field 'files' does not list {ONNX_FILE}",
                             expected=f"{ONNX_FILE} with its sha256 and size", hint=_HINT)
-    field(manifest, "quantization", "object", path, null=True)
+    quantization = field(manifest, "quantization", "object", path, null=True)
+    layout, all_logits = recorded_layout(manifest, path, _HINT)
+    return ArtifactManifest(
+        data=manifest, spec=spec_of(manifest["spec"], path), precision=Precision(manifest["precision"]),
+        dtype=DType(manifest["dtype"]), layout=layout, all_logits=all_logits,
+        debug_outputs=manifest["debug_outputs"], opset=manifest["opset"], files=manifest["files"],
+        quantization=quantization, inputs=manifest["inputs"], outputs=manifest["outputs"])
 
 
-def verify_files(directory: Path, manifest: dict[str, Any], hashes: bool = True) -> None:
+def verify_files(directory: Path, manifest: ArtifactManifest, hashes: bool = True) -> None:
     """Every file the manifest lists is present with its size and (optionally) its sha256."""
-    for name, entry in manifest["files"].items():
+    for name, entry in manifest.files.items():
         path = Path(directory) / name
         if not path.is_file():
             raise ArtifactError(f"artifact file missing: {path}", hint="export the artifact again")

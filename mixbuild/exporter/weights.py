@@ -26,8 +26,8 @@ class ArtifactWeights:
         self.artifact = artifact
         model = onnx.load(str(artifact.onnx_path), load_external_data=False)
         self.tensors = {t.name: t for t in model.graph.initializer}
-        self.precision = artifact.precision
-        self.group_size = (artifact.manifest.get("quantization") or {}).get("group_size", 128)
+        self.scheme = artifact.scheme
+        self.group_size = artifact.manifest.group_size
         smoothing = artifact.path / SMOOTHING_FILE
         self.smoothing = {}
         if smoothing.is_file():
@@ -50,13 +50,13 @@ class ArtifactWeights:
         from mixbuild.plugins import formats
 
         base = f"layers.{layer}.moe."
-        if self.precision not in ("fp8", "int4"):
+        if not self.scheme.quantized:
             return (self.array(base + "w_gate_up").astype(np.float32),
                     self.array(base + "w_down").astype(np.float32))
         tensors = {n: torch.from_numpy(self.array(base + n)) for n in (
             "w_gate_up.quantized", "w_gate_up.scale", "w_down.quantized", "w_down.scale")}
         gate_up, down = formats.dequantize_experts(
-            tensors["w_gate_up.quantized"], tensors["w_down.quantized"], self.precision,
+            tensors["w_gate_up.quantized"], tensors["w_down.quantized"], self.scheme.moe,
             w_gate_up_scale=tensors["w_gate_up.scale"], w_down_scale=tensors["w_down.scale"],
             group_size=self.group_size)
         return self._unsmooth(layer, gate_up.numpy(), down.numpy())

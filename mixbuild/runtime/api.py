@@ -203,7 +203,7 @@ def _open_trt(path: Path, options: LoadOptions):
     from mixbuild.runtime.trt_runner import TrtRunner
 
     runner = TrtRunner(path)  # checks the manifest and the TensorRT import first
-    if runner.manifest.get("layout") == Layout.SERVING.value:
+    if runner.manifest.layout is Layout.SERVING:
         from mixbuild.runtime.trt_runner import TrtServingStep
 
         return TrtServingStep(runner, options.max_batch), runner.spec

@@ -24,7 +24,9 @@ Entry point: `load_runner(path, debug=False)` -> a TorchRunner (runtime/torch_ru
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +40,7 @@ from mixbuild.contract import (
     Layout,
     Precision,
 )
-from mixbuild.errors import CheckpointError
+from mixbuild.errors import CheckpointError, ConfigError
 from mixbuild.model.names import tensor_name
 from mixbuild.model.spec import MixtralSpec
 from mixbuild.plugins import formats
@@ -57,9 +59,24 @@ def is_hf_quantized(path: str | Path) -> bool:
     return isinstance(data, dict) and data.get("kind") == HF_CHECKPOINT_KIND
 
 
-def read_manifest(path: str | Path, verify: bool = True) -> dict:
-    """mixbuild_checkpoint.json, checked: its kind and version, and (verify) every file it lists
-    present with its size and sha256."""
+@dataclass(frozen=True)
+class HfManifest:
+    """mixbuild_checkpoint.json (with config.json's quantization_config), parsed and checked
+    once (`read_manifest`): its fields as their types; `data` the JSON as written."""
+
+    data: dict[str, Any]
+    format: str                  # "compressed-tensors" | "modelopt"
+    spec: MixtralSpec
+    precision: Precision
+    scheme: Scheme
+    group_size: int | None       # a grouped scheme's group size along K
+    quantization: dict[str, Any]
+    files: dict[str, dict[str, Any]]
+
+
+def read_manifest(path: str | Path, verify: bool = True) -> HfManifest:
+    """mixbuild_checkpoint.json, checked: its kind and version, its fields with their types,
+    and (verify) every file it lists present with its size and sha256."""
     from mixbuild.exporter.manifest import sha256_file
 
     path = Path(path)
@@ -87,7 +104,38 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict:
                                   expected=str(entry.get("sha256")), found="a different digest",
                                   hint="the file changed after export (damaged scales or "
                                        "weights); " + _HINT)
-    return manifest
+    return _typed(path, manifest, files)
+
+
+def _typed(path: Path, manifest: dict[str, Any], files: dict) -> HfManifest:
+    where = path / HF_MANIFEST_FILE
+
+    def need(key: str, kind: type, choices: tuple | None = None):
+        value = manifest.get(key)
+        if not isinstance(value, kind) or (choices is not None and value not in choices):
+            raise CheckpointError(f"{where}: field '{key}' is missing or wrong",
+                                  expected=" | ".join(choices) if choices else kind.__name__,
+                                  found=repr(value)[:80], hint=_HINT)
+        return value
+    precision = Precision(need("precision", str, tuple(p.value for p in Precision if p.quantized)))
+    try:
+        spec = MixtralSpec.from_dict(need("spec", dict), source=f"{where}: spec")
+    except ConfigError as exc:
+        raise CheckpointError(exc.what, expected=exc.expected, found=exc.found, hint=_HINT) from None
+    config = json.loads((path / HF_CONFIG_FILE).read_text())
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{path / HF_CONFIG_FILE} has no quantization_config", hint=_HINT)
+    scheme = scheme_of(precision)
+    try:
+        group = scheme.hf_group_size(qc)
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / HF_CONFIG_FILE}: quantization_config has no group size",
+                              expected="config_groups.group_0.weights.group_size",
+                              found=f"missing {exc}", hint=_HINT) from None
+    return HfManifest(data=manifest, format=need("format", str), spec=spec, precision=precision,
+                      scheme=scheme, group_size=group, quantization=need("quantization", dict),
+                      files=files)
 
 
 class _Tensors:
@@ -170,15 +218,6 @@ class QuantSparseMoE(nn.Module):
         return out.to(x.dtype).view_as(x), router_logits, ids
 
 
-def _quant_settings(path: Path, manifest: dict) -> tuple[Scheme, int | None]:
-    config = json.loads((path / HF_CONFIG_FILE).read_text())
-    qc = config.get("quantization_config")
-    if not isinstance(qc, dict):
-        raise CheckpointError(f"{path / HF_CONFIG_FILE} has no quantization_config", hint=_HINT)
-    scheme = scheme_of(Precision(manifest["precision"]))
-    return scheme, scheme.hf_group_size(qc)
-
-
 def load_model(path: str | Path, debug: bool = False, verify: bool = True,
                fp8_expert_inputs: bool = True, layout: Layout = Layout.CONCAT):
     """mixbuild's reference model of `layout` (MixtralModel or ServingMixtralModel, float32,
@@ -193,8 +232,7 @@ def load_model(path: str | Path, debug: bool = False, verify: bool = True,
 
     path = Path(path)
     manifest = read_manifest(path, verify)
-    spec = MixtralSpec.from_dict(manifest["spec"])
-    scheme, group = _quant_settings(path, manifest)
+    spec, scheme, group = manifest.spec, manifest.scheme, manifest.group_size
     read = _Tensors(path)
     with torch.device("meta"):
         model = model_class(layout)(spec, debug=debug)

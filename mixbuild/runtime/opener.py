@@ -97,13 +97,15 @@ class ModelDir:
         """The KV-cache layout an artifact or engine was made with (its manifest's "layout",
         concat when absent: manifests older than the serving layout), read without loading the
         model; None for checkpoints, whose layout the torch backend chooses when it loads."""
-        from mixbuild.jsonfile import read_json_object
+        if self.kind is ModelKind.ARTIFACT:
+            from mixbuild.exporter.manifest import read_manifest
 
-        if self.kind not in (ModelKind.ARTIFACT, ModelKind.ENGINE):
-            return None
-        name = MANIFEST_FILE if self.kind is ModelKind.ARTIFACT else ENGINE_MANIFEST_FILE
-        value = read_json_object(self.path / name, ArtifactError, "manifest").get("layout", "concat")
-        return Layout.parse(value) if isinstance(value, str) else Layout.CONCAT
+            return read_manifest(self.path).layout
+        if self.kind is ModelKind.ENGINE:
+            from mixbuild.builder.manifest import read_engine_manifest
+
+            return read_engine_manifest(self.path).layout
+        return None
 
     def choose(self, backend: Backend | str, device: Device | str, accuracy_level: int = 1,
                verb: str = "open") -> Backend:

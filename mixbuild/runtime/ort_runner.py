@@ -50,7 +50,7 @@ class OrtRunner:
                 f"{self.artifact.path} was exported with --dtype {dtype.short}",
                 expected=f"an artifact exported with --dtype {' or '.join(d.short for d in CPU_KV_DTYPES)}"
                          " for ONNX Runtime on the CPU",
-                found=f"dtype {dtype.value} ({self.artifact.manifest.get('precision')})",
+                found=f"dtype {dtype.value} ({self.artifact.precision.value})",
                 hint="re-export with `mixbuild export ... --dtype fp32` (or fp16) to run on the "
                      "CPU; or run this artifact on a GPU: build a TensorRT engine with `mixbuild "
                      "engine` (BF16 needs compute capability 8.0+), or use ONNX Runtime's CUDA "

@@ -25,14 +25,12 @@ import numpy as np
 from mixbuild.contract import (
     PLAN_FILE,
     SERVING_INPUTS,
-    EngineBackend,
     Layout,
     cache_pairs,
     input_names,
     output_names,
 )
 from mixbuild.errors import ArtifactError, UsageError
-from mixbuild.model.spec import MixtralSpec
 
 
 class TrtRunner:
@@ -44,9 +42,9 @@ class TrtRunner:
 
         directory = Path(directory)
         self.manifest = read_engine_manifest(directory)   # every field and its type checked
-        self.spec = MixtralSpec.from_dict(self.manifest["spec"])
-        self.profiles = self.manifest["profiles"]
-        backend = EngineBackend.parse(self.manifest["backend"])
+        self.spec = self.manifest.spec
+        self.profiles = self.manifest.profiles
+        backend = self.manifest.backend
         self.trt = trt = trt_module(backend)  # MissingDependencyError names the extra
         import torch
 
@@ -54,7 +52,7 @@ class TrtRunner:
             raise UsageError("the trt backend needs a CUDA GPU, and torch sees none",
                              hint="run the artifact with the ort backend on this machine")
         plan = verify_plan(directory, self.manifest)   # never deserialize a changed plan
-        if self.manifest["plugin_registration"]:
+        if self.manifest.plugin_registration:
             register_plugins(backend)
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
@@ -65,7 +63,7 @@ class TrtRunner:
         self.stream = torch.cuda.Stream()
         self.lock = threading.Lock()
         self._inputs, self._outputs = input_names(self.spec.num_layers), output_names(self.spec.num_layers)
-        if self.manifest.get("layout") == Layout.SERVING.value:   # TrtServingStep binds these
+        if self.manifest.layout is Layout.SERVING:   # TrtServingStep binds these
             self._inputs = [*SERVING_INPUTS, *(k for k, _ in cache_pairs(self.spec.num_layers))]
         self.kv_dtype = self._numpy_dtype(self._inputs[-1])
 
@@ -147,17 +145,17 @@ class TrtServingStep:
         from mixbuild.contract import cache_pairs
 
         manifest = runner.manifest
-        if manifest.get("layout") != Layout.SERVING.value or not manifest.get("cache_capacity"):
+        if manifest.layout is not Layout.SERVING:
             raise ArtifactError("the engine was not built from a serving-layout artifact",
                                 expected='engine.json with "layout": "serving" and a cache_capacity',
-                                found=f"layout {manifest.get('layout')!r}",
+                                found=f"layout {manifest.layout.value!r}",
                                 hint="export with `mixbuild export --layout serving` and build again")
         self.runner, self.spec = runner, runner.spec
-        limits = manifest["limits"]
+        limits = manifest.limits
         if max_batch > limits["max_batch"]:
             raise UsageError("max_batch is larger than the engine's", expected=f"<= {limits['max_batch']}",
                              found=str(max_batch), hint="load with a smaller max_batch, or rebuild")
-        self.capacity = int(manifest["cache_capacity"])
+        self.capacity = manifest.cache_capacity
         self.max_batch = max_batch
         self.max_step_tokens = int(limits["max_step_tokens"])
         self.names = cache_pairs(self.spec.num_layers)

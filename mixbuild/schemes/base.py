@@ -20,7 +20,7 @@ builder of a function body, `b(op, *inputs, **attrs)` -> output name, `b.const(v
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mixbuild.contract import ExportFormat, QuantScheme
 from mixbuild.errors import CheckpointError, UsageError
@@ -48,6 +48,13 @@ class Scheme:
     routed_weight = 0.9             # an expert's Hessian share from its routed tokens
     hf_formats: tuple[ExportFormat, ...] = ()
     expert_inputs: tuple[str, ...] = ()   # MoEExperts inputs after w_down, in order
+    # TensorRT: the lowest compute capability that runs the format (measured with the
+    # TensorRT-RTX 1.7 builder, whose code generator refuses the data type below it), why, and
+    # the lowest version of each backend ("tensorrt", "tensorrt-rtx") that imports its ops
+    trt_min_sm: tuple[int, int] | None = None
+    trt_min_sm_why = ""
+    trt_min_version: ClassVar[dict[str, tuple[int, int]]] = {}
+    trt_ops = ""
 
     def __repr__(self) -> str:
         return f"<scheme {self.name}>"
@@ -156,6 +163,9 @@ class Scheme:
 
 
 FLOAT = Scheme()
+
+# The first TensorRT / TensorRT-RTX versions whose ONNX parser imports FP8 and INT4 Q/DQ
+QDQ_VERSIONS: dict[str, tuple[int, int]] = {"tensorrt": (10, 0), "tensorrt-rtx": (1, 0)}
 
 _WRITES = {ExportFormat.HF: "compressed-tensors checkpoints",
            ExportFormat.HF_MODELOPT: "NVIDIA's unified FP8 format only"}

@@ -19,7 +19,7 @@ from onnx import TensorProto
 from mixbuild.contract import ExportFormat, Precision, QuantScheme
 from mixbuild.errors import CheckpointError, UsageError
 from mixbuild.plugins import formats
-from mixbuild.schemes.base import Scheme, check_scale, positive
+from mixbuild.schemes.base import QDQ_VERSIONS, Scheme, check_scale, positive
 from mixbuild.schemes.ort import FOLD_DEQUANTIZE
 
 
@@ -58,6 +58,11 @@ class Fp8(Scheme):
     expert_inputs = ("w_gate_up_scale", "w_down_scale", "act_scale_gate_up", "act_scale_down")
     linear_weight_type = torch.float8_e4m3fn
     expert_weight_type = torch.float8_e4m3fn
+
+    trt_min_sm = (8, 9)
+    trt_min_sm_why = "FP8 (E4M3) needs Ada (8.9), Hopper (9.0) or newer"
+    trt_min_version = QDQ_VERSIONS
+    trt_ops = "FP8 QuantizeLinear/DequantizeLinear"
 
     # ------------------------------------------------------------------------ quantizer
     def columns(self, w, config, order=None):

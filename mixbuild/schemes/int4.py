@@ -23,7 +23,7 @@ from onnx import TensorProto
 from mixbuild.contract import ExportFormat, Precision, QuantScheme
 from mixbuild.errors import CheckpointError, UsageError
 from mixbuild.plugins import formats
-from mixbuild.schemes.base import Scheme, check_scale, positive
+from mixbuild.schemes.base import QDQ_VERSIONS, Scheme, check_scale, positive
 from mixbuild.schemes.fp8 import codes
 from mixbuild.schemes.ort import MATMULNBITS_LEVEL, rewrite_int4_experts, rewrite_int8_linears
 from mixbuild.tensors import cast_finite
@@ -106,6 +106,11 @@ class Int4(Scheme):
     bits = 4
     linear_weight_type = "int4"
     expert_weight_type = "int4"
+
+    trt_min_sm = (8, 0)
+    trt_min_sm_why = "INT4 weights need Ampere (8.0) or newer"
+    trt_min_version = QDQ_VERSIONS
+    trt_ops = "INT4 blocked DequantizeLinear"
 
     # ------------------------------------------------------------------------ quantizer
     def columns(self, w, config, order=None):

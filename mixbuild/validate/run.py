@@ -272,7 +272,7 @@ def _open_hf_quantized(model_dir: ModelDir, device: Device, dtype: str | None,
         raise UsageError("a quantized Hugging Face checkpoint is validated in float32 on the CPU",
                          found=f"--dtype {dtype}", hint="drop --dtype")
     runner = load_runner(model_dir.path, debug=True)   # every file's sha256 checked first
-    precision = Precision.parse(read_manifest(model_dir.path, verify=False)["precision"])
+    precision = read_manifest(model_dir.path, verify=False).precision
     return _Opened(runner, runner.spec, precision, np.float32, model_dir.path, True,
                    torch_expert_weights(runner))
 
@@ -290,8 +290,7 @@ def _open_trt(model_dir: ModelDir, device: Device, dtype: str | None, accuracy_l
                               "runs the same graph), or build an engine from a --layout concat "
                               "export and validate that")
     runner = TrtRunner(path)   # checks the manifest and the TensorRT import first
-    return _Opened(runner, runner.spec, Precision.parse(runner.manifest["precision"]), runner.kv_dtype,
-                   path, False)
+    return _Opened(runner, runner.spec, runner.manifest.precision, runner.kv_dtype, path, False)
 
 
 _OPENERS = {ModelKind.ARTIFACT: _open_ort, ModelKind.CHECKPOINT: _open_torch,

@@ -65,7 +65,7 @@ def genai(artifact):
 
 
 def test_client_files_are_hashed_in_the_manifest(artifact):
-    files = Artifact.open(artifact).manifest["files"]   # checks every listed file's sha256
+    files = Artifact.open(artifact).manifest.files   # checks every listed file's sha256
     assert {GENAI_CONFIG_FILE, HF_CONFIG_FILE} <= set(files)
 
 

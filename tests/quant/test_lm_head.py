@@ -13,12 +13,12 @@ from click.testing import CliRunner
 from mixbuild.cli import main
 from mixbuild.errors import UsageError
 from mixbuild.exporter.export import export_checkpoint
-from mixbuild.tensors import initializer_array
 from mixbuild.model.checkpoint import Checkpoint
 from mixbuild.plugins import formats
 from mixbuild.quant.config import QuantConfig
 from mixbuild.runtime.ort_runner import OrtRunner
 from mixbuild.runtime.runner import prefill_feeds
+from mixbuild.tensors import initializer_array
 
 CALIB = {"calib_tokens": 256, "calib_seq_len": 128}
 MADE = (("int8", "serving"), ("int8", "concat"), ("int4", "serving"))

@@ -4,9 +4,6 @@ clear error, the same for `load` (run, serve), validate and inspect."""
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 from click.testing import CliRunner
 
@@ -45,7 +42,9 @@ def test_each_kind_resolves_to_its_backend(dirs, name, kind):
     assert model_dir.choose("auto", "cpu" if kind is not ModelKind.ENGINE else "cuda") is model_dir.backend
 
 
-def test_layouts_are_read_from_the_manifests(dirs):
+def test_layouts_are_read_from_the_manifests(dirs, fixture_dir, tmp_path):
+    serving = write_engine_dir(tmp_path / "engine", Checkpoint(fixture_dir).spec, layout="serving")
+    assert ModelDir.resolve(serving).layout() is Layout.SERVING
     assert ModelDir.resolve(dirs["serving artifact"]).layout() is Layout.SERVING
     assert ModelDir.resolve(dirs["concat artifact"]).layout() is Layout.CONCAT
     assert ModelDir.resolve(dirs["engine"]).layout() is Layout.CONCAT   # no "layout": older manifests
@@ -93,11 +92,7 @@ def test_validate_refuses_a_serving_layout_engine_before_loading_tensorrt(dirs, 
                                                                           tmp_path):
     """validate's trt pass compares the concat layout's outputs; a serving engine (the engine of
     a default export) is refused with what to do, not wrapped as a concat runner."""
-    engine = tmp_path / "engine"
-    shutil.copytree(dirs["engine"], engine)
-    manifest = json.loads((engine / "engine.json").read_text())
-    manifest["layout"] = "serving"
-    (engine / "engine.json").write_text(json.dumps(manifest))
+    engine = write_engine_dir(tmp_path / "engine", Checkpoint(fixture_dir).spec, layout="serving")
     result = CliRunner().invoke(main, ["validate", str(engine), "--reference", str(fixture_dir),
                                        "--device", "cuda"])
     assert result.exit_code == 2, result.output

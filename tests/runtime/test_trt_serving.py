@@ -8,12 +8,13 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from mixbuild.contract import CACHE_LENGTHS, INPUT_IDS, INPUT_LENGTHS, LOGITS, cache_pairs
+from mixbuild.contract import CACHE_LENGTHS, INPUT_IDS, INPUT_LENGTHS, LOGITS, Layout, cache_pairs
 from mixbuild.errors import ArtifactError, UsageError
 from mixbuild.model.presets import PRESETS
 from mixbuild.runtime.trt_runner import TrtServingStep
@@ -53,8 +54,10 @@ class FakeContext:
 class FakeRunner:
     def __init__(self, spec, layout="serving", capacity=16) -> None:
         self.spec = spec
-        self.manifest = {"layout": layout, "cache_capacity": capacity,
-                         "limits": {"max_batch": 4, "max_step_tokens": 8, "max_context": capacity}}
+        # the EngineManifest fields the serving step reads
+        self.manifest = SimpleNamespace(
+            layout=Layout(layout), cache_capacity=capacity,
+            limits={"max_batch": 4, "max_step_tokens": 8, "max_context": capacity})
         self.context = FakeContext(self)
         self.lock, self.stream = threading.Lock(), type("S", (), {"cuda_stream": 0,
                                                                  "synchronize": lambda self: None})()

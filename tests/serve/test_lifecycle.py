@@ -200,10 +200,10 @@ def test_a_missing_extra_names_it(serving_artifact):
 def test_an_engine_directory_goes_to_the_trt_backend(tmp_path, monkeypatch):
     """An engine directory is served by the trt backend on CUDA (TrtServingStep); here, with no
     TensorRT and no GPU, what stops it is the runtime's own clear refusal (exit 2)."""
-    engine = tmp_path / "engine"
-    engine.mkdir()
-    (engine / "engine.plan").write_bytes(b"not a plan")
-    (engine / "engine.json").write_text("{}")
+    from mixbuild.model.presets import PRESETS
+    from tests.helpers import write_engine_dir
+
+    engine = write_engine_dir(tmp_path / "engine", PRESETS["tiny"], layout="serving")
     seen = {}
 
     def load(path, **options):
@@ -214,3 +214,14 @@ def test_an_engine_directory_goes_to_the_trt_backend(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["serve", str(engine)])
     assert result.exit_code == 2 and "needs a CUDA GPU" in result.output, result.output
     assert seen["backend"] == "trt" and seen["device"] == "cuda"
+
+
+def test_a_damaged_engine_manifest_is_refused_before_loading(tmp_path):
+    """serve reads the engine's layout from its checked engine.json: an empty one is named."""
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    (engine / "engine.plan").write_bytes(b"not a plan")
+    (engine / "engine.json").write_text("{}")
+    result = CliRunner().invoke(main, ["serve", str(engine)])
+    assert result.exit_code == 2, result.output
+    assert "not an engine manifest of a known format" in result.output

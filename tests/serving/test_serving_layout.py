@@ -78,7 +78,8 @@ def test_the_graph_is_the_contract(serving_artifacts, name):
     for cache, updated in cache_pairs(layers):
         assert [op for op in consumers[cache] if op != "Shape"] == ["TensorScatter"]
         assert sorted(consumers[updated]) == ["Attention"]
-    assert artifact.manifest["layout"] == "serving" and artifact.manifest["logits"] == "last"
+    assert artifact.manifest.data["layout"] == "serving" and artifact.manifest.data["logits"] == "last"
+    assert artifact.layout is Layout.SERVING and not artifact.all_logits
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["gqa", "standard"])
@@ -271,7 +272,8 @@ def test_all_position_logits_are_an_export_option(hf_checkpoints, tmp_path):
                                         CACHE_LENGTHS: np.zeros(1, np.int64), INPUT_LENGTHS: counts,
                                         **cache})[0]
     assert out.shape == (1, 3, spec.vocab_size)
-    assert Artifact.open(artifact).manifest["logits"] == "all"
+    assert Artifact.open(artifact).manifest.data["logits"] == "all"
+    assert Artifact.open(artifact).all_logits
 
 
 def test_the_fast_path_computes_what_the_artifact_does(fixture_serving):
