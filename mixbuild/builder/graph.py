@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixbuild.builder.options import MoEMode
-from mixbuild.contract import DOMAIN, EXPERTS_OP, MOE_OPS, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from mixbuild.contract import (
+    DOMAIN,
+    EXPERTS_OP,
+    MOE_OPS,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+    QuantScheme,
+)
 from mixbuild.errors import ArtifactError
 
 PLUGIN_ATTRS = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
@@ -166,7 +173,8 @@ def _retype_int4_weights(model, nodes) -> list[str]:
     consumers = Counter(name for n in model.graph.node for name in n.input)
     retyped = []
     for node in nodes:
-        if node.op_type != EXPERTS_OP or _attr(node, "quantization") != "int4":
+        if node.op_type != EXPERTS_OP or \
+                QuantScheme.parse(_attr(node, "quantization") or "none") is not QuantScheme.INT4:
             continue
         for slot in INT4_WEIGHT_SLOTS:
             tensor = initializers.get(node.input[slot])

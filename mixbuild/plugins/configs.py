@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from mixbuild.contract import QuantScheme
 from mixbuild.errors import ArtifactError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -78,13 +79,14 @@ class KernelConfig:
         return config
 
 
-def dtype_key(dtype: torch.dtype, scheme: str = "none") -> str:
+# the `dtype` part of a quantized scheme's config file names (vLLM's fused-MoE config names)
+_SCHEME_KEYS = {QuantScheme.FP8: "fp8_w8a8", QuantScheme.INT4: "int4_w4a16"}
+
+
+def dtype_key(dtype: torch.dtype, scheme: QuantScheme | str = QuantScheme.NONE) -> str:
     """The `dtype` part of a config file name for an activation dtype and a quantization scheme."""
-    if scheme == "fp8":
-        return "fp8_w8a8"
-    if scheme == "int4":
-        return "int4_w4a16"
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    return _SCHEME_KEYS.get(QuantScheme.parse(scheme)) or \
+        {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
 
 def device_key(device: torch.device | str | None = None) -> str:
