@@ -329,6 +329,20 @@ def engine(artifact, out, backend, compute_capability, moe, max_batch, max_step_
                    opt_level=opt_level, timing_cache=timing_cache, overwrite=overwrite, echo=click.echo)
 
 
+def _logit_bias(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]):
+    """--logit-bias TOKEN_ID=BIAS, repeatable -> ((id, bias), ...) (ranges: SamplingParams)."""
+    pairs = []
+    for value in values:
+        token, sep, bias = value.partition("=")
+        try:
+            pairs.append((int(token), float(bias)))
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not TOKEN_ID=BIAS (e.g. 2=-100)") from None
+        if not sep:
+            raise click.BadParameter(f"{value!r} is not TOKEN_ID=BIAS (e.g. 2=-100)")
+    return tuple(pairs)
+
+
 @main.command()
 @click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
 @click.option("--prompt", required=True, help="The prompt text (a user message with --chat).")
@@ -350,6 +364,14 @@ def engine(artifact, out, backend, compute_capability, moe, max_batch, max_step_
 @click.option("--stop-token-id", "stop_token_ids", type=click.IntRange(min=0), multiple=True,
               help="Stop token id (repeatable).")
 @click.option("--ignore-eos", is_flag=True, default=None, help="Keep going past end-of-sequence.")
+@click.option("--presence-penalty", type=float,
+              help="OpenAI's: subtracted once from each token already generated (-2..2).")
+@click.option("--frequency-penalty", type=float,
+              help="OpenAI's: subtracted per occurrence of each token already generated (-2..2).")
+@click.option("--logit-bias", "logit_bias", multiple=True, callback=_logit_bias,
+              metavar="TOKEN_ID=BIAS", help="Added to that token's logit, -100..100 (repeatable).")
+@click.option("--min-tokens", type=click.IntRange(min=0),
+              help="No end of sequence, stop token or stop string before this many tokens.")
 @accuracy_level_option
 @handles_errors
 def run(model_dir: str, prompt: str, backend: str, device: str, stream: bool, chat: bool,

@@ -64,8 +64,8 @@ class Request:
         self.prompt_ids = prompt_ids
         self.params = params
         self.budget = budget
-        self.choose = TokenChooser(params, vocab_size, prompt_ids)
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+        self.choose = TokenChooser(params, vocab_size, prompt_ids, self.stop_ids)
         self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
         self.max_stop = params.max_stop_length()
         self.tokens: list[int] = []
@@ -103,7 +103,7 @@ class Request:
             self._add_text(self.detok.flush(), now)
 
     def _add_text(self, piece: str, now: float) -> None:
-        if not piece or not self.max_stop:
+        if not piece or not self.max_stop or len(self.tokens) < self.params.min_tokens:
             self.text += piece
             return
         start = max(0, len(self.text) - self.max_stop + 1)

@@ -2,8 +2,12 @@
 
 Every request owns a numpy Generator seeded from its own ``seed``, and every row is processed
 on its own, so a seeded request draws the same tokens whatever else shares its batch.
-Order of the logits processors (as in transformers): repetition penalty, temperature, top-k,
-top-p, then one draw. ``temperature == 0`` is greedy decoding (argmax after the penalty).
+Order of the logits processors: repetition penalty (transformers' definition, prompt and output
+tokens), presence and frequency penalties (OpenAI's definition, output tokens only:
+``logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty``), logit_bias
+(added), min_tokens (the end-of-sequence and stop token ids masked until that many tokens are
+out), then temperature, top-k, top-p and one draw. ``temperature == 0`` is greedy decoding
+(argmax after the penalties and the bias).
 """
 
 from __future__ import annotations
@@ -37,8 +41,16 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # token id -> added to its logit, in [-100, 100] (OpenAI's logit_bias); a dict is accepted
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0       # no end-of-sequence, stop token or stop string before this many
 
     def __post_init__(self) -> None:
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
+        object.__setattr__(self, "logit_bias", tuple(tuple(pair) for pair in self.logit_bias))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if isinstance(self.stop_token_ids, int):
@@ -66,6 +78,20 @@ class SamplingParams:
                              found=repr(self.stop))
         for token in self.stop_token_ids:
             _check_int("stop_token_ids", token, minimum=0)
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_number(name, getattr(self, name), "a number in [-2, 2]", lambda v: -2 <= v <= 2)
+        for pair in self.logit_bias:
+            if len(pair) != 2:
+                raise UsageError("invalid sampling value for 'logit_bias'",
+                                 expected="token id -> bias pairs", found=repr(pair))
+            _check_int("logit_bias", pair[0], minimum=0)
+            _check_number("logit_bias", pair[1], "biases in [-100, 100]",
+                          lambda v: -100 <= v <= 100)
+        _check_int("min_tokens", self.min_tokens, minimum=0)
+        if self.min_tokens > self.max_new_tokens:
+            raise UsageError("invalid sampling value for 'min_tokens'",
+                             expected=f"at most max_new_tokens ({self.max_new_tokens})",
+                             found=repr(self.min_tokens))
         if self.greedy and (self.top_k or self.top_p < 1):
             raise UsageError("top_k / top_p have no effect with greedy decoding (temperature=0)",
                              found=f"top_k={self.top_k}, top_p={self.top_p}",
@@ -79,14 +105,20 @@ class SamplingParams:
         return dataclasses.replace(self, **changes)
 
     def check_vocab(self, vocab_size: int) -> None:
-        """A UsageError for a stop token id the model cannot produce (outside [0, vocab_size)):
-        it would never stop anything, silently."""
+        """A UsageError for a stop token id or a biased token the model cannot produce (outside
+        [0, vocab_size)): it would never stop or change anything, silently."""
         for token in self.stop_token_ids:
             if not 0 <= token < vocab_size:
                 raise UsageError(f"stop token id {token} is outside the vocabulary",
                                  expected=f"token ids in [0, {vocab_size}) (vocab_size {vocab_size})",
                                  found=f"stop_token_ids={list(self.stop_token_ids)}",
                                  hint="pass ids of this model's tokenizer (--stop-token-id)")
+        for token, _ in self.logit_bias:
+            if not 0 <= token < vocab_size:
+                raise UsageError(f"invalid sampling value for 'logit_bias': token id {token} is "
+                                 "outside the vocabulary",
+                                 expected=f"token ids in [0, {vocab_size}) (vocab_size {vocab_size})",
+                                 found=str(token), hint="pass ids of this model's tokenizer")
 
     def max_stop_length(self) -> int:
         return max((len(s) for s in self.stop), default=0)
@@ -140,27 +172,53 @@ def _sampling_from_config(config: dict[str, Any]) -> SamplingParams:
 
 
 class TokenChooser:
-    """One request's logits -> token: penalty, temperature, top-k, top-p, draw (or argmax)."""
+    """One request's logits -> token: penalties, bias, min_tokens mask, temperature, top-k,
+    top-p, draw (or argmax). `stop_ids`: the ids that would end the request (masked while fewer
+    than min_tokens tokens are out)."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: list[int]) -> None:
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: list[int],
+                 stop_ids: set[int] | tuple[int, ...] = ()) -> None:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
         self.seen: np.ndarray | None = None
-        self.plain_greedy = params.greedy and params.repetition_penalty == 1.0
         if params.repetition_penalty != 1.0:
             self.seen = np.zeros(vocab_size, dtype=bool)
             self.seen[np.asarray(prompt_ids, dtype=np.int64)] = True
+        self.counts: np.ndarray | None = None
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = np.zeros(vocab_size, dtype=np.float32)
+        self.bias: np.ndarray | None = None
+        if params.logit_bias:
+            self.bias = np.zeros(vocab_size, dtype=np.float32)
+            for token, value in params.logit_bias:
+                self.bias[token] = value
+        self.held = (np.asarray(sorted(stop_ids), dtype=np.int64)
+                     if params.min_tokens and stop_ids else None)
+        self.generated = 0
+        self.plain_greedy = (params.greedy and self.seen is None and self.counts is None
+                             and self.bias is None and self.held is None)
 
     def __call__(self, logits: np.ndarray) -> int:
         p = self.params
         if self.seen is not None:
             logits = _penalize(logits, self.seen, p.repetition_penalty)
+        if self.counts is not None:
+            logits = (logits - self.counts * np.float32(p.frequency_penalty)
+                      - (self.counts > 0) * np.float32(p.presence_penalty)).astype(np.float32)
+        if self.bias is not None:
+            logits = (logits + self.bias).astype(np.float32)
+        if self.held is not None and self.generated < p.min_tokens:
+            logits = logits.astype(np.float32, copy=True)
+            logits[self.held] = -np.inf
         if p.greedy:
             token = int(np.argmax(logits))
         else:
             token = self._draw(logits.astype(np.float64) / p.temperature)
         if self.seen is not None:
             self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
+        self.generated += 1
         return token
 
     def _draw(self, scores: np.ndarray) -> int:

@@ -73,12 +73,9 @@ class GenerationRequest:
 
 
 # What each endpoint takes that would change the result, with the value that changes nothing.
-_COMPLETION_UNSUPPORTED = {"echo": (False,), "suffix": ("",), "best_of": (1,), "logit_bias": ({},),
-                           "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0)}
+_COMPLETION_UNSUPPORTED = {"echo": (False,), "suffix": ("",), "best_of": (1,)}
 _CHAT_UNSUPPORTED = {"tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"),
                      "function_call": ("none", "auto"), "response_format": ({"type": "text"},),
-                     "logit_bias": ({},),
-                     "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
                      "audio": (), "modalities": (["text"],), "prediction": (),
                      "web_search_options": ()}
 
@@ -278,11 +275,15 @@ def _sampling(body: dict[str, Any], max_tokens_name: str) -> dict[str, Any]:
     max_tokens = _int(body, max_tokens_name)
     if max_tokens is not None:
         out["max_new_tokens"] = max_tokens
-    for name in ("temperature", "top_p", "repetition_penalty"):
+    for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty"):
         value = _number(body, name)
         if value is not None:
             out[name] = value
-    for name in ("seed", "top_k"):
+    bias = body.get("logit_bias")
+    if bias is not None:
+        out["logit_bias"] = _logit_bias(bias)
+    for name in ("seed", "top_k", "min_tokens"):
         value = _int(body, name)
         if value is not None:
             out[name] = value
@@ -304,12 +305,28 @@ def _sampling(body: dict[str, Any], max_tokens_name: str) -> dict[str, Any]:
     return out
 
 
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: an object from token ids (JSON keys, so strings of digits) to a
+    bias; the range [-100, 100] and the vocabulary are the runtime's checks."""
+    if not isinstance(value, dict):
+        raise _wrong_type("logit_bias", "an object mapping token ids to biases", value)
+    pairs = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise _out_of_range("logit_bias", "token ids (strings of digits) as keys", key)
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise _wrong_type("logit_bias", "numbers as biases", bias)
+        pairs.append((int(key), float(bias)))
+    return tuple(sorted(pairs))
+
+
 # SamplingParams field -> the OpenAI parameter a client sets (for runtime error messages)
 _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 
 
 _SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
-                    "stop_token_ids", "stop", "ignore_eos")
+                    "stop_token_ids", "stop", "ignore_eos", "presence_penalty", "frequency_penalty",
+                    "logit_bias", "min_tokens")
 
 
 def sampling_param(message: str, request: GenerationRequest) -> str | None:

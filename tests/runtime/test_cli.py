@@ -43,3 +43,23 @@ def test_mixbuild_run_rejects_bad_input(runtime_artifact, tmp_path):
     wrong_backend = runner.invoke(main, ["run", str(runtime_artifact), "--prompt", "x",
                                          "--backend", "torch"])
     assert wrong_backend.exit_code == 2 and "backend" in wrong_backend.output
+
+
+def test_mixbuild_run_takes_openai_sampling_options(runtime_artifact):
+    """--logit-bias 2=100 makes the end-of-sequence id (2) certain; --min-tokens holds it back
+    for three tokens, so the fourth ends the request."""
+    from click.testing import CliRunner
+
+    from mixbuild.cli import main
+
+    base = ["run", str(runtime_artifact), "--prompt", "def main():", "--threads", "1",
+            "--max-new-tokens", "8", "--logit-bias", "2=100"]
+    result = CliRunner().invoke(main, [*base, "--min-tokens", "3", "--presence-penalty", "0.5",
+                                       "--frequency-penalty", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "4 generated tokens (stop)" in result.output
+    result = CliRunner().invoke(main, base)
+    assert result.exit_code == 0 and "1 generated tokens (stop)" in result.output, result.output
+    for bad, message in (("2", "is not TOKEN_ID=BIAS"), ("2=500", "biases in [-100, 100]")):
+        result = CliRunner().invoke(main, [*base[:-1], bad])
+        assert result.exit_code == 2 and message in result.output, result.output

@@ -59,3 +59,50 @@ def test_unknown_option_lists_the_known_ones():
     with pytest.raises(UsageError) as err:
         SamplingParams().replace(topk=3)
     assert "top_k" in str(err.value)
+
+
+def test_frequency_and_presence_penalties_follow_openai():
+    """logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty, counting
+    the request's output tokens only (the prompt's do not count, unlike repetition_penalty)."""
+    logits = np.array([0.0, 1.0, 0.9, 0.3], np.float32)
+    frequency = TokenChooser(SamplingParams(frequency_penalty=0.5), 4, prompt_ids=[2, 2, 2])
+    # 1 (1.0); 2 (0.9 > 1.0 - 0.5); 1 (0.5 > 0.9 - 0.5); 2 (0.4 > 1.0 - 2 * 0.5 and > 0.3)
+    assert [frequency(logits) for _ in range(4)] == [1, 2, 1, 2]
+    presence = TokenChooser(SamplingParams(presence_penalty=0.8), 4, prompt_ids=[])
+    # once a token is out it loses 0.8 however often it recurs: 1, 2, then 3 (0.3 > 0.2, 0.1)
+    assert [presence(logits) for _ in range(4)] == [1, 2, 3, 1]
+    negative = TokenChooser(SamplingParams(frequency_penalty=-1.0), 4, prompt_ids=[])
+    assert [negative(logits) for _ in range(3)] == [1, 1, 1]   # a negative penalty rewards
+
+
+def test_logit_bias_is_added_before_the_choice():
+    logits = np.array([0.0, 5.0, 4.0], np.float32)
+    assert TokenChooser(SamplingParams(logit_bias={2: 1.5}), 3, [])(logits) == 2
+    assert TokenChooser(SamplingParams(logit_bias={1: -100}), 3, [])(logits) == 2
+    banned = TokenChooser(SamplingParams(temperature=1.0, seed=0, logit_bias={1: -100, 2: -100}),
+                          3, [])
+    assert {banned(logits) for _ in range(100)} == {0}
+    assert SamplingParams(logit_bias={2: 1.5}) == SamplingParams(logit_bias=((2, 1.5),))
+
+
+def test_min_tokens_holds_back_the_stop_ids():
+    logits = np.array([0.0, 1.0, 9.0], np.float32)        # 2 is the end-of-sequence id here
+    chooser = TokenChooser(SamplingParams(min_tokens=3), 3, [], stop_ids={2})
+    assert [chooser(logits) for _ in range(4)] == [1, 1, 1, 2]
+    assert not chooser.plain_greedy
+    assert TokenChooser(SamplingParams(), 3, [], stop_ids={2}).plain_greedy
+
+
+@pytest.mark.parametrize("changes, name", [
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+    ({"logit_bias": {3: 101}}, "logit_bias"),
+    ({"logit_bias": {-1: 1}}, "logit_bias"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"min_tokens": 9, "max_new_tokens": 8}, "min_tokens"),
+])
+def test_openai_sampling_values_are_checked(changes, name):
+    with pytest.raises(UsageError, match=f"'{name}'"):
+        SamplingParams(**changes)
+    with pytest.raises(UsageError, match="outside the vocabulary"):
+        SamplingParams(logit_bias={7: 1.0}).check_vocab(7)

@@ -173,6 +173,23 @@ def test_mixbuild_extras(client):
     assert sampled.choices[0].text == base          # top_k=1 sampling is greedy
 
 
+def test_openai_sampling_parameters(client, tokenizer, fixture_dir):
+    """logit_bias, presence / frequency penalties and min_tokens reach the token choice."""
+    from mixbuild.runtime.sampling import GenerationDefaults
+
+    token = tokenizer.encode(" return")[-1]
+    forced = complete(client, max_tokens=6, logit_bias={str(token): 100})
+    assert forced.choices[0].text == tokenizer.decode([token] * 6)
+    base = complete(client, max_tokens=24).choices[0].text     # "... schemed on the scheme ..."
+    assert complete(client, max_tokens=24, frequency_penalty=2.0).choices[0].text != base
+    assert complete(client, max_tokens=24, presence_penalty=-2.0).choices[0].text != base
+    eos = GenerationDefaults.read(fixture_dir, None).eos_token_ids[0]
+    ended = complete(client, max_tokens=8, logit_bias={str(eos): 100})
+    assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens == 1
+    held = complete(client, max_tokens=8, logit_bias={str(eos): 100}, extra_body={"min_tokens": 5})
+    assert held.choices[0].finish_reason == "stop" and held.usage.completion_tokens == 6
+
+
 def test_models(client, server):
     assert [m.id for m in client.models.list().data] == [NAME]
     card = client.models.retrieve(NAME)

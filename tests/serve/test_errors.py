@@ -131,9 +131,6 @@ def test_chat_out_of_range(http):
     ("/v1/completions", "echo", True),
     ("/v1/completions", "best_of", 2),
     ("/v1/completions", "suffix", "return x"),
-    ("/v1/completions", "logit_bias", {"5": 100}),
-    ("/v1/completions", "presence_penalty", 0.5),
-    ("/v1/chat/completions", "frequency_penalty", 1),
     ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
     ("/v1/chat/completions", "tool_choice", "required"),
     ("/v1/chat/completions", "response_format", {"type": "json_object"}),
@@ -145,6 +142,21 @@ def test_unsupported_parameters_are_refused(http, path, field, value):
     assert error["param"] == field and error["code"] == "unsupported_parameter"
     assert f"'{field}' is not supported" in error["message"]
     assert "would change the answer" in error["message"]
+
+
+@pytest.mark.parametrize("path, field, value, message", [
+    ("/v1/completions", "presence_penalty", 2.5, "a number in [-2, 2]"),
+    ("/v1/chat/completions", "frequency_penalty", "high", "expected a number"),
+    ("/v1/completions", "logit_bias", {"5": 101}, "biases in [-100, 100]"),
+    ("/v1/completions", "logit_bias", {"five": 1}, "token ids (strings of digits) as keys"),
+    ("/v1/completions", "logit_bias", [5, 1], "an object mapping token ids to biases"),
+    ("/v1/chat/completions", "logit_bias", {"99999999": 1}, "outside the vocabulary"),
+    ("/v1/completions", "min_tokens", 99, "at most max_new_tokens"),
+])
+def test_bad_openai_sampling_values_name_the_parameter(http, path, field, value, message):
+    body = PROMPT if path == "/v1/completions" else CHAT
+    error = error_of(post(http, path, **{**body, "max_tokens": 8, field: value}), 400)
+    assert error["param"] == field and message in error["message"], error
 
 
 def test_harmless_and_unknown_fields_are_ignored(http):
