@@ -56,6 +56,13 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def longest_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes of text one token covers: the longest token's own
+        spelling in the vocabulary (byte-level and SentencePiece spellings take at least one
+        byte per byte they stand for: "Ġ" and "▁" for a space, "<0xE2>" for one byte)."""
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        return max((len(token.encode("utf-8", "surrogatepass")) for token in vocab), default=1)
+
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
 

@@ -7,7 +7,8 @@ Every choice of a request is one request of the model: on a continuous-batching 
 `Model.submit_ids` (its events arrive on the scheduler's thread and are handed to the event
 loop with `call_soon_threadsafe`, so the scheduler never waits for a client); on a model
 without it (`--no-batching`, the thread-per-request baseline) one `Model.stream_ids` on a
-thread of its own. The event loop only parses, tokenizes and writes: no model work runs on it.
+thread of its own. The event loop only routes and writes: no model work runs on it, and JSON
+parsing, tokenization and chat templating run on two worker threads.
 
 A client that goes away cancels its choices (the scheduler frees their slots at its next
 iteration): a stream notices when the server reports the disconnect, a plain request through
@@ -26,6 +27,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from starlette.applications import Starlette
@@ -71,6 +73,8 @@ class _Server:
         self.drain_timeout, self.close_model = drain_timeout, close_model
         self.engine = _Scheduled(model) if model.continuous_batching else _Threaded(model)
         self.tokens = p.TokenText(model.tokenizer)
+        self.token_bytes = model.tokenizer.longest_token_bytes()
+        self.workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mixbuild-tokenize")
         self.created = int(time.time())
         self.closing = False
         self.http: Counter[tuple[str, int]] = Counter()
@@ -92,6 +96,7 @@ class _Server:
             yield
         finally:
             self.closing = True
+            self.workers.shutdown(wait=False)
             if self.close_model:
                 await asyncio.to_thread(self.model.close, True, self.drain_timeout)
 
@@ -100,6 +105,9 @@ class _Server:
         async def endpoint(request: Request) -> Response:
             try:
                 response = await handler(request)
+            except ClientDisconnect:   # it left while sending its body: nobody reads an answer
+                self.disconnects += 1
+                response = Response(status_code=499)
             except p.ApiError as error:
                 response = _error_response(error)
             except Overloaded as error:
@@ -151,10 +159,17 @@ class _Server:
                 raise p.ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes",
                                  code="request_too_large")
         try:
-            return json.loads(bytes(data))
+            body = await self._off_loop(json.loads, bytes(data))
         except (ValueError, RecursionError) as error:
             raise p.ApiError(400, f"the request body is not valid JSON: {error}",
                              code="invalid_json") from None
+        p.check_unicode(body)
+        return body
+
+    async def _off_loop(self, fn: Callable, *args):
+        """fn(*args) on the server's worker threads (tokenizing, templating and parsing a large
+        request must not hold the event loop: every other client's stream waits on it)."""
+        return await asyncio.get_running_loop().run_in_executor(self.workers, fn, *args)
 
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.name:
@@ -167,17 +182,26 @@ class _Server:
         self._authorize(request)
         parsed = p.parse_completion(await self._body(request))
         self._check_model(parsed.model)
-        prompts = [self._prompt_ids(list(prompt) if isinstance(prompt, tuple)
-                                    else self.model.tokenizer.encode(prompt), i, len(parsed.prompts))
-                   for i, prompt in enumerate(parsed.prompts)]
+        self._check_fits(parsed, len(parsed.prompts))
+        count = len(parsed.prompts)
+        prompts = []
+        for i, prompt in enumerate(parsed.prompts):
+            if not isinstance(prompt, tuple):
+                self._check_size(len(prompt.encode()), i, count)
+            ids = list(prompt) if isinstance(prompt, tuple) \
+                else await self._off_loop(self.model.tokenizer.encode, prompt)
+            prompts.append(self._prompt_ids(ids, i, count))
         return await self._generate(request, parsed, prompts)
 
     async def chat(self, request: Request) -> Response:
         self._authorize(request)
         parsed = p.parse_chat(await self._body(request))
         self._check_model(parsed.model)
+        self._check_fits(parsed, 1)
+        self._check_size(sum(len(m["content"].encode()) for m in parsed.messages), 0, 1,
+                         "messages")
         try:
-            ids = self.model.tokenizer.encode_chat(list(parsed.messages))
+            ids = await self._off_loop(self.model.tokenizer.encode_chat, list(parsed.messages))
         except MixbuildError:
             raise
         except Exception as error:  # jinja2's TemplateError, a template's raise
@@ -214,6 +238,33 @@ class _Server:
         return p.model_card(self.name, self.created, self.model.context_limit)
 
     # ----------------------------------------------------------------------- generation
+    def _check_fits(self, parsed: p.GenerationRequest, prompts: int) -> None:
+        """A request of more choices than the server ever admits at once can never run: a 400
+        (a 429 would tell the client to retry what cannot succeed)."""
+        choices = prompts * parsed.n
+        if choices > self.engine.most:
+            raise p.ApiError(400, f"the request asks for {choices} choices ({prompts} prompt(s) "
+                                  f"x n = {parsed.n}), and this server admits at most "
+                                  f"{self.engine.most} at once (--max-batch + --max-queue): "
+                                  "send fewer prompts or a smaller n per request",
+                             param="n", code="invalid_value")
+
+    def _check_size(self, nbytes: int, index: int, count: int, param: str = "prompt") -> None:
+        """Refuse a prompt too long for the context before tokenizing it: no token of this
+        tokenizer covers more than `token_bytes` UTF-8 bytes, so a text of more than
+        token_bytes x context bytes is longer than the context whatever it says (x 4 more: a
+        normalizer may shorten the text before it is split)."""
+        limit = self.model.context_limit
+        bound = 4 * self.token_bytes * limit
+        if nbytes > bound:
+            which = f"prompt {index}" if count > 1 else "the prompt"
+            raise p.ApiError(400, f"{which} is too long: {nbytes} bytes of text is more than "
+                                  f"{limit} tokens for this tokenizer (its longest token is "
+                                  f"{self.token_bytes} bytes), and this server's context is "
+                                  f"{limit} tokens (shorten it, or start the server with a "
+                                  "larger --max-context)",
+                             param=param, code="context_length_exceeded")
+
     def _prompt_ids(self, ids: list[int], index: int, count: int, param: str = "prompt") -> list[int]:
         """Token ids within the vocabulary and the context (checked here so that the message
         names the request's own parameter; the runtime checks again)."""
@@ -506,6 +557,8 @@ class _Scheduled:
 
     def __init__(self, model) -> None:
         self.model = model
+        # the most choices admitted at once: every slot free and the queue empty
+        self.most = model.options.max_batch + model.options.max_queue
 
     @property
     def metrics(self) -> ServingMetrics:
@@ -535,7 +588,7 @@ class _Threaded:
 
     def __init__(self, model) -> None:
         self.model = model
-        self.limit = model.options.max_queue
+        self.limit = self.most = model.options.max_queue
         self.metrics = ServingMetrics(self.limit)
 
     def start(self) -> None:

@@ -112,6 +112,30 @@ def parse_chat(body: Any) -> GenerationRequest:
                              max_tokens_param=name)
 
 
+def check_unicode(value: Any, where: str = "") -> None:
+    """Refuse (400) a body holding text that is not valid Unicode: JSON may spell a lone
+    surrogate (\\ud800), which no tokenizer, template or UTF-8 writer can take."""
+    stack = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as error:
+                name = path.encode("utf-8", "backslashreplace").decode() or "the body"
+                raise ApiError(400, f"'{name}' holds text that is not valid Unicode: a lone "
+                                    f"surrogate {item[error.start]!r} at character {error.start} "
+                                    "(send UTF-8 text; surrogates only in valid pairs)",
+                               param=name.split(".")[0].split("[")[0] if path else None,
+                               code="invalid_value") from None
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                stack.append((key, path))
+                stack.append((child, f"{path}.{key}" if path else str(key)))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+
+
 def _object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, not a JSON {json_type(body)}",

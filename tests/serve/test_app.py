@@ -29,6 +29,7 @@ class StandIn:
         self.spec = SimpleNamespace(vocab_size=2048)
         self.defaults = GenerationDefaults(eos_token_ids=(2,))
         self.scheduler = SimpleNamespace(metrics=ServingMetrics(1))
+        self.options = SimpleNamespace(max_batch=1, max_queue=1)
         self.closed = False
 
     def sampling(self, sampling=None, **overrides):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.serve.conftest import NAME
+from tests.serve.conftest import API_KEY, NAME
 
 PROMPT = {"model": NAME, "prompt": "def f(x):", "max_tokens": 2}
 CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -166,6 +166,74 @@ def test_harmless_and_unknown_fields_are_ignored(http):
     chat = {**CHAT, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
             "store": False, "reasoning_effort": "low", "temperature": 0, "top_p": 0.5}
     assert post(http, "/v1/chat/completions", **chat).status_code == 200
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'{"prompt": "def f(x):\\ud800", "max_tokens": 2}', "prompt"),
+    (b'{"model": "\\udfff", "prompt": "x", "max_tokens": 2}', "model"),
+    (b'{"prompt": "x", "stop": ["\\ud800"], "max_tokens": 2}', "stop"),
+])
+def test_a_lone_surrogate_is_a_400(http, body, param):
+    """JSON can spell a lone surrogate; no tokenizer or UTF-8 writer takes one (was a 500)."""
+    error = error_of(http.post("/v1/completions", content=body), 400)
+    assert error["param"] == param and "not valid Unicode" in error["message"], error
+    chat = b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}'
+    error = error_of(http.post("/v1/chat/completions", content=chat), 400)
+    assert error["param"] == "messages" and "'messages[0].content'" in error["message"]
+
+
+def test_choices_that_can_never_be_admitted_are_a_400(http):
+    """n x prompts beyond --max-batch + --max-queue can never run: not a retryable 429."""
+    error = error_of(post(http, "/v1/completions", **{**PROMPT, "prompt": ["a", "b", "c"],
+                                                      "n": 128}), 400)
+    assert error["param"] == "n" and "384 choices" in error["message"], error
+
+
+def test_a_huge_prompt_is_refused_before_tokenizing_and_stalls_no_one(http, server):
+    """A 15 MB prompt (under the 16 MiB body limit) is refused by its size; meanwhile /health
+    keeps answering (the parse and the checks run off the event loop or in bounded time)."""
+    import threading
+    import time
+
+    answer = {}
+
+    def send() -> None:
+        answer["response"] = post(http, "/v1/completions", **{**PROMPT, "prompt": "x" * 15_000_000})
+    sender = threading.Thread(target=send)
+    sender.start()
+    slowest = 0.0
+    with httpx.Client(base_url=server.url, timeout=30) as other:
+        while sender.is_alive():
+            start = time.perf_counter()
+            assert other.get("/health").status_code == 200
+            slowest = max(slowest, time.perf_counter() - start)
+            time.sleep(0.02)
+    sender.join()
+    error = error_of(answer["response"], 400)
+    assert error["code"] == "context_length_exceeded" and "bytes of text" in error["message"]
+    assert slowest < 1.0, f"/health took {slowest:.2f} s while the big prompt was handled"
+
+
+def test_a_client_that_leaves_during_the_upload_is_no_error(server):
+    """A body cut short is a disconnect: counted as one, no traceback, no 500."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    url = urlparse(server.url)
+    before = server.metrics().get("mixbuild_http_disconnects_total", 0)
+    with socket.create_connection((url.hostname, url.port)) as raw:
+        raw.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}"
+                    "\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+                    '{"prompt": "'.encode())
+        time.sleep(0.2)
+    deadline = time.time() + 10
+    while server.metrics().get("mixbuild_http_disconnects_total", 0) == before:
+        assert time.time() < deadline, "the disconnect was never counted"
+        time.sleep(0.05)
+    assert "Traceback" not in server.output()
+    assert not any(k.startswith("mixbuild_http_requests_total") and 'status="500"' in k
+                   for k in server.metrics())
 
 
 def test_a_huge_body_is_refused(http):
