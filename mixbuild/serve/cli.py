@@ -15,6 +15,7 @@ import click
 from mixbuild.contract import ACCURACY_LEVEL_HELP, ACCURACY_LEVELS, Layout
 
 DEFAULT_DRAIN_TIMEOUT = 30.0
+DEFAULT_CONNECTIONS = 1024       # --limit-concurrency: well above --max-batch + --max-queue
 
 # `--accuracy-level`, as `mixbuild run`, `serve` and `validate` take it
 accuracy_level_option = click.option(
@@ -58,11 +59,18 @@ accuracy_level_option = click.option(
               help="Seconds Ctrl-C / SIGTERM waits for running requests before cancelling them.")
 @click.option("--access-log/--no-access-log", default=True, show_default=True,
               help="Log one line per HTTP request.")
+@click.option("--limit-concurrency", type=click.IntRange(min=1), default=DEFAULT_CONNECTIONS,
+              show_default=True,
+              help="uvicorn answers 503 to a request that arrives with this many connections "
+                   "(its own included) or requests in progress.")
+@click.option("--timeout-keep-alive", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="Seconds an idle keep-alive connection stays open.")
 @accuracy_level_option
 def serve(model_dir: str, host: str, port: int, max_batch: int, max_context: int | None,
           max_queue: int, step_tokens: int, threads: int | None, backend: str, device: str | None,
           api_key: str | None, model_name: str | None, no_batching: bool, drain_timeout: float,
-          access_log: bool, accuracy_level: str) -> None:
+          access_log: bool, limit_concurrency: int, timeout_keep_alive: float,
+          accuracy_level: str) -> None:
     """Serve a model over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions
     (SSE streaming with "stream": true), /v1/models, /health, /metrics (Prometheus).
 
@@ -83,7 +91,9 @@ def serve(model_dir: str, host: str, port: int, max_batch: int, max_context: int
     sock = _bind(host, port)
     _banner(model, name, model_dir, sock.getsockname()[1], host, api_key)
     config = uvicorn.Config(app, log_level="info", access_log=access_log, lifespan="on",
-                            timeout_graceful_shutdown=drain_timeout)
+                            timeout_graceful_shutdown=drain_timeout,
+                            limit_concurrency=limit_concurrency,
+                            timeout_keep_alive=timeout_keep_alive)
     with _exit_cleanly_on_signals():
         uvicorn.Server(config).run(sockets=[sock])
     click.echo("mixbuild serve: stopped")

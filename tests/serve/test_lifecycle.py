@@ -225,3 +225,36 @@ def test_a_damaged_engine_manifest_is_refused_before_loading(tmp_path):
     result = CliRunner().invoke(main, ["serve", str(engine)])
     assert result.exit_code == 2, result.output
     assert "not an engine manifest of a known format" in result.output
+
+
+def test_connection_limit_and_keep_alive_timeout(serving_artifact, tmp_path):
+    """--limit-concurrency bounds open connections (uvicorn answers 503 to a request arriving
+    with that many open, its own included) and
+    --timeout-keep-alive closes an idle keep-alive connection."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    from tests.serve.conftest import Server
+
+    server = Server(serving_artifact, tmp_path / "limits.log", "--limit-concurrency", "2",
+                    "--timeout-keep-alive", "1", "--max-context", "64").wait_ready()
+    try:
+        url = urlparse(server.url)
+        with socket.create_connection((url.hostname, url.port)) as held:
+            held.settimeout(5)
+            held.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"}"):               # the whole JSON answer; kept alive
+                answer += held.recv(4096)
+            assert b"200 OK" in answer
+            assert httpx.get(f"{server.url}/health", timeout=5).status_code == 503
+            start = time.monotonic()
+            assert held.recv(4096) == b""                  # closed by the server when idle
+            assert time.monotonic() - start < 3
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{server.url}/health", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        server.stop()
