@@ -77,6 +77,8 @@ class _Server:
         self.workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mixbuild-tokenize")
         self.created = int(time.time())
         self.closing = False
+        self.runs: set[_Run] = set()          # the requests generating now
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.http: Counter[tuple[str, int]] = Counter()
         self.disconnects = 0
         routes = [Route("/v1/completions", self._endpoint(self.completions), methods=["POST"]),
@@ -87,10 +89,12 @@ class _Server:
                   Route("/metrics", self._endpoint(self.metrics), methods=["GET"])]
         self.app = Starlette(routes=routes, lifespan=self._lifespan,
                              exception_handlers={HTTPException: self._http_error})
+        self.app.state.begin_drain = self.begin_drain
 
     # ------------------------------------------------------------------------- plumbing
     @contextlib.asynccontextmanager
     async def _lifespan(self, app) -> AsyncIterator[None]:
+        self.loop = asyncio.get_running_loop()
         self.engine.start()
         try:
             yield
@@ -99,6 +103,24 @@ class _Server:
             self.workers.shutdown(wait=False)
             if self.close_model:
                 await asyncio.to_thread(self.model.close, True, self.drain_timeout)
+
+    def begin_drain(self) -> None:
+        """Shutdown has begun (the server calls this on Ctrl-C / SIGTERM, from any thread): new
+        requests get 503, and the requests still generating when drain_timeout runs out are
+        cut, each with a final error (a stream: an error event, then [DONE]; a plain request:
+        a 503), instead of a connection closed mid-answer."""
+        if self.loop is None or self.drain_timeout is None:
+            return
+
+        def start() -> None:
+            if not self.closing:
+                self.closing = True
+                self.loop.call_later(self.drain_timeout, self._cut)
+        self.loop.call_soon_threadsafe(start)
+
+    def _cut(self) -> None:
+        for run in list(self.runs):
+            run.queue.put_nowait((CUT, Event()))
 
     def _endpoint(self, handler: Callable) -> Callable:
         """`handler` with errors turned into OpenAI-shaped answers, and the answer counted."""
@@ -317,6 +339,7 @@ class _Server:
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos
                                                  else set(self.model.defaults.eos_token_ids))
         run = _Run(asyncio.get_running_loop())
+        self.runs.add(run)
         choices = []
         try:
             for prompt_index, ids in enumerate(prompts):
@@ -330,6 +353,7 @@ class _Server:
                                                run.deliver_to(len(choices) - 1)))
         except BaseException:
             run.cancel()
+            self.runs.discard(run)
             raise
         view = _View(parsed, self.name, self.tokens, [len(ids) for ids in prompts])
         if parsed.stream:
@@ -341,6 +365,9 @@ class _Server:
                        view: _View) -> Response:
         async def consume() -> None:
             async for index, event in run.events():
+                if index == CUT:
+                    run.cancel()
+                    raise self._cut_error()
                 choices[index].take(event)
 
         collector = asyncio.ensure_future(consume())
@@ -348,6 +375,7 @@ class _Server:
         try:
             await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self.runs.discard(run)
             if not collector.done():        # the client went away (or the handler was cancelled)
                 run.cancel()
                 collector.cancel()
@@ -361,6 +389,12 @@ class _Server:
             raise failed
         return JSONResponse(view.response(choices))
 
+    def _cut_error(self) -> Overloaded:
+        return Overloaded(f"the server shut down before this request finished: it was still "
+                          f"generating when the {self.drain_timeout:g} s drain timeout ran out",
+                          reason=Overloaded.SHUTTING_DOWN,
+                          hint="retry against a running server")
+
     async def _stream(self, run: _Run, choices: list[_Choice], view: _View) -> AsyncIterator[str]:
         finished = False
         try:
@@ -368,6 +402,9 @@ class _Server:
                 yield _sse(chunk)
             failed = None
             async for index, event in run.events():
+                if index == CUT:
+                    failed = self._cut_error()
+                    break
                 choice = choices[index]
                 piece, entries = choice.take(event)
                 if event.error is not None:
@@ -379,12 +416,14 @@ class _Server:
                     yield _sse(view.chunk(index, piece, entries, None))
             if failed is not None:
                 run.cancel()
-                yield _sse(p.error_body(p.flat_message(failed), "server_error"))
+                code = "shutting_down" if isinstance(failed, Overloaded) else None
+                yield _sse(p.error_body(p.flat_message(failed), "server_error", code=code))
             elif view.request.include_usage:
                 yield _sse(view.usage_chunk(choices))
             yield "data: [DONE]\n\n"
             finished = True
         finally:
+            self.runs.discard(run)
             if not finished:
                 self.disconnects += 1
             run.cancel()
@@ -434,6 +473,9 @@ def _finish(result) -> str:
 
 
 # ------------------------------------------------------------------------------ one request
+CUT = -1     # the index of the event that cuts a run short at the end of the drain timeout
+
+
 class _Run:
     """The choices of one HTTP request: their events, delivered from the scheduler's (or a
     worker's) thread into one asyncio queue, and their cancellation."""
@@ -464,7 +506,7 @@ class _Run:
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
         while self.open:
             index, event = await self.queue.get()
-            if event.last:
+            if index != CUT and event.last:
                 self.open -= 1
             yield index, event
 

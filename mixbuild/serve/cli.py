@@ -15,6 +15,7 @@ import click
 from mixbuild.contract import ACCURACY_LEVEL_HELP, ACCURACY_LEVELS, Layout
 
 DEFAULT_DRAIN_TIMEOUT = 30.0
+DRAIN_GRACE = 5.0                # seconds after the drain timeout for the cut answers' last bytes
 DEFAULT_CONNECTIONS = 1024       # --limit-concurrency: well above --max-batch + --max-queue
 
 # `--accuracy-level`, as `mixbuild run`, `serve` and `validate` take it
@@ -90,12 +91,19 @@ def serve(model_dir: str, host: str, port: int, max_batch: int, max_context: int
     app = create_app(model, model_name=name, api_key=api_key, drain_timeout=drain_timeout)
     sock = _bind(host, port)
     _banner(model, name, model_dir, sock.getsockname()[1], host, api_key)
+    # the app cuts what still runs at drain_timeout, each request with a final error; uvicorn
+    # waits DRAIN_GRACE more for those answers to be written before it closes the connections
     config = uvicorn.Config(app, log_level="info", access_log=access_log, lifespan="on",
-                            timeout_graceful_shutdown=drain_timeout,
+                            timeout_graceful_shutdown=drain_timeout + DRAIN_GRACE,
                             limit_concurrency=limit_concurrency,
                             timeout_keep_alive=timeout_keep_alive)
+    class Draining(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.begin_drain()
+            super().handle_exit(sig, frame)
+
     with _exit_cleanly_on_signals():
-        uvicorn.Server(config).run(sockets=[sock])
+        Draining(config).run(sockets=[sock])
     click.echo("mixbuild serve: stopped")
 
 

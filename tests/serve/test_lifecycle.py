@@ -258,3 +258,36 @@ def test_connection_limit_and_keep_alive_timeout(serving_artifact, tmp_path):
             time.sleep(0.1)
     finally:
         server.stop()
+
+
+def test_a_stream_cut_by_the_drain_timeout_ends_with_an_error_event(serving_artifact, tmp_path):
+    """SIGTERM with --drain-timeout 0.1 and requests that need longer (900 tokens: > 0.5 s
+    here): the stream gets a final error event (code shutting_down) and [DONE], the plain
+    request a 503, not a connection closed mid-answer; the server still exits 0."""
+    from tests.serve.conftest import Server
+
+    server = Server(serving_artifact, tmp_path / "drain.log", "--drain-timeout", "0.1",
+                    "--max-context", "1024").wait_ready()
+    try:
+        plain = {}
+        sender = threading.Thread(target=lambda: plain.update(response=httpx.post(
+            f"{server.url}/v1/completions", json=LONG, timeout=30)))
+        sender.start()
+        body = {**LONG, "stream": True}
+        events = []
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[len("data: "):])
+                    if len(events) == 2:
+                        server.proc.send_signal(signal.SIGTERM)
+        assert events[-1] == "[DONE]", events[-3:]
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == "shutting_down" and "drain timeout ran out" in error["message"]
+        assert len(events) < 900            # it was cut, not finished
+        sender.join(timeout=30)
+        assert plain["response"].status_code == 503, plain["response"].text
+        assert plain["response"].json()["error"]["code"] == "shutting_down"
+        assert server.proc.wait(timeout=20) == 0, server.output()
+    finally:
+        server.stop()
