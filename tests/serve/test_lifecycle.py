@@ -98,16 +98,22 @@ def test_a_full_queue_answers_429(servers):
     assert small.metrics()["mixbuild_requests_refused_total"] == statuses.count(429)
 
 
-def test_sigterm_finishes_the_running_stream_and_exits_0(servers):
-    small = servers["small"]
-    body = {**LONG, "max_tokens": 300, "stream": True, "stream_options": {"include_usage": True}}
+def stream_then_sigterm(server, body: dict) -> list[str]:
+    """The SSE data lines of a streamed completion; SIGTERM goes to the server after two."""
     events = []
-    with httpx.stream("POST", f"{small.url}/v1/completions", json=body, timeout=30) as response:
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
         for line in response.iter_lines():
             if line.startswith("data: "):
                 events.append(line[len("data: "):])
                 if len(events) == 2:
-                    small.proc.send_signal(signal.SIGTERM)
+                    server.proc.send_signal(signal.SIGTERM)
+    return events
+
+
+def test_sigterm_finishes_the_running_stream_and_exits_0(servers):
+    small = servers["small"]
+    body = {**LONG, "max_tokens": 300, "stream": True, "stream_options": {"include_usage": True}}
+    events = stream_then_sigterm(small, body)
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["usage"]["completion_tokens"] == 300
     assert json.loads(events[-3])["choices"][0]["finish_reason"] == "length"
@@ -273,14 +279,7 @@ def test_a_stream_cut_by_the_drain_timeout_ends_with_an_error_event(serving_arti
         sender = threading.Thread(target=lambda: plain.update(response=httpx.post(
             f"{server.url}/v1/completions", json=LONG, timeout=30)))
         sender.start()
-        body = {**LONG, "stream": True}
-        events = []
-        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[len("data: "):])
-                    if len(events) == 2:
-                        server.proc.send_signal(signal.SIGTERM)
+        events = stream_then_sigterm(server, {**LONG, "stream": True})
         assert events[-1] == "[DONE]", events[-3:]
         error = json.loads(events[-2])["error"]
         assert error["code"] == "shutting_down" and "drain timeout ran out" in error["message"]
