@@ -35,7 +35,6 @@ from mixbuild.errors import ArtifactError, UsageError
 from mixbuild.exporter.manifest import field, mismatch, recorded_layout, spec_of
 from mixbuild.jsonfile import json_type, read_json_object
 from mixbuild.model.spec import MixtralSpec
-from mixbuild.schemes import Scheme, scheme_of
 
 
 @dataclass(frozen=True)
@@ -66,10 +65,6 @@ class EngineManifest:
     plan_bytes: int
     plan_sha256: str
     wall_s: float
-
-    @property
-    def scheme(self) -> Scheme:
-        return scheme_of(self.precision)
 
 
 def plugin_summary(layers: list[dict]) -> list[dict]:

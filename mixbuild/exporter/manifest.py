@@ -18,7 +18,7 @@ from mixbuild.contract import (
     Layout,
     Precision,
 )
-from mixbuild.errors import ArtifactError, ConfigError
+from mixbuild.errors import ArtifactError, ConfigError, MixbuildError
 from mixbuild.jsonfile import json_type, read_json_object
 from mixbuild.model.spec import MixtralSpec
 from mixbuild.schemes import Scheme, scheme_named, scheme_of
@@ -82,13 +82,15 @@ class ArtifactManifest:
         return self.quantization["group_size"] if self.scheme.grouped else None
 
 
-def spec_of(data: Any, source: Path, hint: str = "export the artifact again") -> MixtralSpec:
-    """The `spec` of a manifest (artifact or engine): ArtifactError naming the file and field."""
+def spec_of(data: Any, source: Path, hint: str = "export the artifact again",
+            error: type[MixbuildError] = ArtifactError) -> MixtralSpec:
+    """The `spec` of a manifest (artifact, engine, quantized checkpoint): `error` (ArtifactError
+    by default) naming the file and field."""
     try:
         return MixtralSpec.from_dict(data, source=f"{source}: spec")
     except ConfigError as exc:
         # the ConfigError's message is all of it: no second "cause" line
-        raise ArtifactError(exc.what, expected=exc.expected, found=exc.found, hint=hint) from None
+        raise error(exc.what, expected=exc.expected, found=exc.found, hint=hint) from None
 
 
 def recorded_layout(manifest: dict[str, Any], path: Path, hint: str) -> tuple[Layout, bool]:

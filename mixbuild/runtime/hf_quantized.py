@@ -40,7 +40,8 @@ from mixbuild.contract import (
     Layout,
     Precision,
 )
-from mixbuild.errors import CheckpointError, ConfigError
+from mixbuild.errors import CheckpointError
+from mixbuild.exporter.manifest import spec_of
 from mixbuild.model.names import tensor_name
 from mixbuild.model.spec import MixtralSpec
 from mixbuild.plugins import formats
@@ -68,10 +69,13 @@ class HfManifest:
     format: str                  # "compressed-tensors" | "modelopt"
     spec: MixtralSpec
     precision: Precision
-    scheme: Scheme
     group_size: int | None       # a grouped scheme's group size along K
     quantization: dict[str, Any]
     files: dict[str, dict[str, Any]]
+
+    @property
+    def scheme(self) -> Scheme:
+        return scheme_of(self.precision)
 
 
 def read_manifest(path: str | Path, verify: bool = True) -> HfManifest:
@@ -118,23 +122,19 @@ def _typed(path: Path, manifest: dict[str, Any], files: dict) -> HfManifest:
                                   found=repr(value)[:80], hint=_HINT)
         return value
     precision = Precision(need("precision", str, tuple(p.value for p in Precision if p.quantized)))
-    try:
-        spec = MixtralSpec.from_dict(need("spec", dict), source=f"{where}: spec")
-    except ConfigError as exc:
-        raise CheckpointError(exc.what, expected=exc.expected, found=exc.found, hint=_HINT) from None
+    spec = spec_of(need("spec", dict), where, _HINT, CheckpointError)
     config = json.loads((path / HF_CONFIG_FILE).read_text())
     qc = config.get("quantization_config") if isinstance(config, dict) else None
     if not isinstance(qc, dict):
         raise CheckpointError(f"{path / HF_CONFIG_FILE} has no quantization_config", hint=_HINT)
-    scheme = scheme_of(precision)
     try:
-        group = scheme.hf_group_size(qc)
+        group = scheme_of(precision).hf_group_size(qc)
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{path / HF_CONFIG_FILE}: quantization_config has no group size",
                               expected="config_groups.group_0.weights.group_size",
                               found=f"missing {exc}", hint=_HINT) from None
     return HfManifest(data=manifest, format=need("format", str), spec=spec, precision=precision,
-                      scheme=scheme, group_size=group, quantization=need("quantization", dict),
+                      group_size=group, quantization=need("quantization", dict),
                       files=files)
 
 

@@ -171,13 +171,19 @@ _WRITES = {ExportFormat.HF: "compressed-tensors checkpoints",
            ExportFormat.HF_MODELOPT: "NVIDIA's unified FP8 format only"}
 
 
-def positive(name: str, scale, hint: str):
-    """A scale read from a checkpoint as float32, refused (CheckpointError) unless finite and
-    positive everywhere."""
+def _invalid(scale):
+    """(scale as float32, its values that are not finite and positive)."""
     import torch
 
     s = scale.float()
-    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+    return s, s[~(torch.isfinite(s) & (s > 0))]
+
+
+def positive(name: str, scale, hint: str):
+    """A scale read from a checkpoint as float32, refused (CheckpointError) unless finite and
+    positive everywhere."""
+    s, bad = _invalid(scale)
+    if bad.numel():
         raise CheckpointError(f"invalid quantization scale {name}",
                               expected="finite, positive values",
                               found=f"min {float(s.min())}, max {float(s.max())}", hint=hint)
@@ -187,11 +193,8 @@ def positive(name: str, scale, hint: str):
 def check_scale(name: str, scale) -> None:
     """Every scale written must be finite and positive: a NaN, Inf or non-positive scale (a
     corrupt weight, a calibration that overflowed) would load silently and produce garbage."""
-    import torch
-
-    s = scale.float()
-    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-        bad = s[~(torch.isfinite(s) & (s > 0))]
+    s, bad = _invalid(scale)
+    if bad.numel():
         raise CheckpointError(f"quantization produced an invalid scale for {name}",
                               expected="finite, positive scales",
                               found=f"{bad.numel()} of {s.numel()} values invalid "

@@ -237,9 +237,8 @@ class Int8(Int4):
     def linear_layout(self, q, scale):
         return q.T.contiguous(), scale.T.contiguous()
 
-    def dequantize(self, q, scale, config):
-        full = scale.float().repeat_interleave(config.group_size, dim=-1)[..., :q.shape[-1]]
-        return q.float() * full
+    # calibration dequantizes decoder layers only, never lm_head: not int4's unpacking
+    dequantize = Scheme.dequantize
 
     def ort_head(self, model, directory, act_dtype, accuracy_level, on_cpu, out):
         if on_cpu:   # the CPU kernel's problem (mixbuild/schemes/ort.py)

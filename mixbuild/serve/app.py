@@ -180,13 +180,7 @@ class _Server:
             if len(data) > MAX_BODY_BYTES:
                 raise p.ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes",
                                  code="request_too_large")
-        try:
-            body = await self._off_loop(json.loads, bytes(data))
-        except (ValueError, RecursionError) as error:
-            raise p.ApiError(400, f"the request body is not valid JSON: {error}",
-                             code="invalid_json") from None
-        p.check_unicode(body)
-        return body
+        return await self._off_loop(_parse_body, bytes(data))
 
     async def _off_loop(self, fn: Callable, *args):
         """fn(*args) on the server's worker threads (tokenizing, templating and parsing a large
@@ -451,6 +445,18 @@ async def _disconnected(request: Request) -> None:
 
 def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _parse_body(data: bytes) -> Any:
+    """The request body as JSON with only valid Unicode text, or the 400 (on a worker thread:
+    both walk the whole body)."""
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise p.ApiError(400, f"the request body is not valid JSON: {error}",
+                         code="invalid_json") from None
+    p.check_unicode(body)
+    return body
 
 
 def _route_path(request: Request) -> str:
